@@ -1,0 +1,1 @@
+from qvla.envs import get_suite

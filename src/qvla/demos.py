@@ -1,0 +1,126 @@
+"""Demonstrations: scripted-expert episodes on disk.
+
+Format (one directory):
+    manifest.json            {"format": "qvla-demos/1", "suite", "image_size", "cameras", "per_task",
+                              "seed", "episodes": [{"file", "id", "task", "instruction", "steps"}],
+                              "attempted", "dropped": [{"id", "reason"}]}
+    episodes/<task>-<k>.npz  arrays, T = steps: "<camera>" (T, H, W, 3) uint8 for each camera,
+                             "proprio" (T, 4) float32, "actions" (T, 4) float32 in [-1, 1]
+Frame t holds the observation seen *before* action t. Only successful expert episodes are kept; files are
+plain .npz read with allow_pickle=False.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from qvla.envs import EpisodeSpec, get_suite
+
+FORMAT = "qvla-demos/1"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Episode:
+    id: str
+    task: str
+    instruction: str
+    images: dict[str, np.ndarray]  # camera -> (T, H, W, 3) uint8
+    proprio: np.ndarray  # (T, 4) float32
+    actions: np.ndarray  # (T, 4) float32
+
+
+def record_expert(env, spec: EpisodeSpec) -> tuple[Episode, bool]:
+    """Plays the scripted expert on one episode; returns what it saw and did, and whether it succeeded."""
+    env.reset(spec)
+    frames, proprio, actions, success = [], [], [], False
+    while len(actions) < env.max_steps and not success:
+        obs = env.observe()
+        action = env.expert_action()
+        frames.append(obs.images), proprio.append(obs.proprio), actions.append(action)
+        success = env.step(action)
+    images = {c: np.stack([f[c] for f in frames]) for c in frames[0]}
+    return Episode(spec.id, spec.task, obs.instruction, images, np.stack(proprio).astype(np.float32),
+                   np.clip(np.stack(actions), -1, 1).astype(np.float32)), success
+
+
+_worker_env = None
+
+
+def _init_worker(suite: str, image_size: int) -> None:
+    global _worker_env
+    _worker_env = get_suite(suite).make_env(image_size=image_size)
+
+
+def _play(spec: EpisodeSpec) -> tuple[EpisodeSpec, Episode, bool]:
+    episode, success = record_expert(_worker_env, spec)
+    return spec, episode, success
+
+
+def write_demos(suite: str, per_task: int, out: str | Path, seed: int = 0, image_size: int = 96,
+                workers: int = 1, tasks: list[str] | None = None) -> dict:
+    """Runs the experts on the suite's *train* split and writes the demo directory atomically."""
+    specs = get_suite(suite).episodes("train", per_task, seed, tasks)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"demo directory {out} exists and is not empty; choose a new --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demos-", dir=out.parent))
+    (tmp / "episodes").mkdir()
+    kept, dropped, counts = [], [], {}
+    try:
+        ctx = mp.get_context("spawn")  # EGL contexts do not survive fork
+        with ctx.Pool(workers, _init_worker, (suite, image_size)) as pool:
+            for spec, ep, ok in tqdm(pool.imap(_play, specs), total=len(specs), desc="demos", unit="ep"):
+                if not ok:
+                    dropped.append({"id": spec.id, "reason": f"expert failed within {len(ep.actions)} steps"})
+                    continue
+                k = counts[spec.task] = counts.get(spec.task, -1) + 1
+                name = f"episodes/{spec.task}-{k:04d}.npz"
+                np.savez(tmp / name, proprio=ep.proprio, actions=ep.actions, **ep.images)
+                kept.append({"file": name, "id": ep.id, "task": ep.task, "instruction": ep.instruction,
+                             "steps": int(len(ep.actions))})
+        manifest = {"format": FORMAT, "suite": suite, "image_size": image_size,
+                    "cameras": sorted(ep.images), "per_task": per_task, "seed": seed,
+                    "attempted": len(specs), "episodes": kept, "dropped": dropped}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("kept %d of %d expert episodes; dropped %d", len(kept), len(specs), len(dropped))
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    file = path / "manifest.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a demo directory: {file} is missing")
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{file}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def read_episode(path: str | Path, entry: dict) -> Episode:
+    with np.load(Path(path) / entry["file"], allow_pickle=False) as z:
+        cams = [k for k in z.files if k not in ("proprio", "actions")]
+        return Episode(entry["id"], entry["task"], entry["instruction"], {c: z[c] for c in cams},
+                       z["proprio"], z["actions"])
+
+
+def read_demos(path: str | Path) -> tuple[dict, list[Episode]]:
+    manifest = read_manifest(path)
+    return manifest, [read_episode(path, e) for e in manifest["episodes"]]
