@@ -16,6 +16,24 @@ def _demos(a: argparse.Namespace) -> None:
           f"(dropped {len(m['dropped'])} failed ones) -> {a.out}")
 
 
+def _train(a: argparse.Namespace) -> None:
+    from qvla.train import TrainConfig, train
+
+    cfg = TrainConfig(policy=a.policy, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                      threads=a.threads, save_every=a.save_every)
+    out = train(cfg, a.data, a.out)
+    print(f"trained {a.policy} -> {out}")
+
+
+def _eval(a: argparse.Namespace) -> None:
+    from qvla.evaluate import evaluate, format_table
+
+    s = evaluate(a.policy, a.suite, a.episodes_per_task, a.seed, a.workers, a.out, a.tasks)
+    print(format_table({s["policy"]: s}))
+    for e in s["errors"]:
+        print(f"ERROR in {e['id']}: {e['error']}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qvla", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -29,6 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=96)
     d.add_argument("--workers", type=int, default=1)
     d.set_defaults(func=_demos)
+
+    t = sub.add_parser("train", help="behaviour-clone a policy on demonstrations (CPU, resumable)")
+    t.add_argument("--policy", required=True)
+    t.add_argument("--data", required=True, help="demo directory written by 'qvla demos'")
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, default=6000)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--save-every", type=int, default=500)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="closed-loop evaluation on a suite's evaluation episodes")
+    e.add_argument("--policy", required=True, help="registered name or checkpoint directory")
+    e.add_argument("--suite", default="mt10")
+    e.add_argument("--episodes-per-task", type=int, default=20)
+    e.add_argument("--seed", type=int, default=0, help="shifts to a different fixed set of episodes")
+    e.add_argument("--workers", type=int, default=1)
+    e.add_argument("--tasks", nargs="*", default=None)
+    e.add_argument("--out", default=None, help="summary JSON; per-episode records go to the .jsonl beside it")
+    e.set_defaults(func=_eval)
     return p
 
 

@@ -1,0 +1,38 @@
+"""The policy protocol every policy family implements, and module roles for quantization."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from qvla.envs.base import Observation
+
+ROLES = ("vision", "projector", "llm", "action_head", "embedding", "lm_head")
+
+
+class Policy(Protocol):
+    name: str  # registry name or checkpoint path it was loaded from
+    model: torch.nn.Module
+
+    def reset(self) -> None: ...
+
+    def act(self, obs: Observation) -> np.ndarray:
+        """-> (K, action_dim) action chunk; the caller executes it open-loop."""
+        ...
+
+    def module_roles(self) -> dict[str, str]:
+        """Module name -> one of ROLES, for every quantizable (Linear / Conv) module."""
+        ...
+
+
+def roles_by_prefix(model: torch.nn.Module, table: list[tuple[str, str]]) -> dict[str, str]:
+    """Tags every Linear/Conv/Embedding with the role of the first matching name prefix; fails on a gap."""
+    roles = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)):
+            role = next((r for prefix, r in table if name.startswith(prefix)), None)
+            if role is None:
+                raise ValueError(f"module {name} matches no role prefix in {table}")
+            roles[name] = role
+    return roles

@@ -1,0 +1,83 @@
+"""Pure tensor math for quantization: no I/O, no model or simulator knowledge.
+
+Weights: per-output-channel uniform quantization. 8 bits are symmetric (what int8 GEMM kernels take);
+4 and 2 bits are asymmetric (scale + zero point), which matters most at 2 bits where a symmetric grid
+wastes a level. 16 means "kept in floating point"; 0 means the channel is pruned (all zeros).
+Activations: per-token dynamic symmetric quantization (one scale per row of the last dimension).
+"""
+from __future__ import annotations
+
+import torch
+
+BITS = (0, 2, 4, 8, 16)  # allowed bit widths, low to high
+DEMOTION = {16: 8, 8: 4, 4: 2, 2: 0}  # the greedy walks this chain
+
+
+def check_bits(bits: int) -> int:
+    if int(bits) not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    return int(bits)
+
+
+def quant_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Per-row (dim 0) scale and zero point for `bits` -> (scale, zero, qmin, qmax); w is (C, ...)."""
+    flat = w.reshape(w.shape[0], -1).float()
+    if bits == 8:
+        qmax = 127
+        scale = flat.abs().amax(1).clamp_min(1e-12) / qmax
+        return scale, torch.zeros_like(scale), -qmax, qmax
+    lo, hi = flat.amin(1).clamp(max=0), flat.amax(1).clamp(min=0)
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-12)
+    zero = torch.round(-lo / scale)
+    return scale, zero, 0, qmax
+
+
+def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes (uint8/int8 range, stored as int16) plus scale and zero point, per row."""
+    scale, zero, qmin, qmax = quant_params(w, bits)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    q = torch.clamp(torch.round(w.float() / scale.view(shape)) + zero.view(shape), qmin, qmax)
+    return q.to(torch.int16), scale, zero
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    shape = (-1,) + (1,) * (q.dim() - 1)
+    return (q.float() - zero.view(shape)) * scale.view(shape)
+
+
+def fake_quant_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """w rounded to its `bits`-bit grid, in w's dtype; 16 leaves it alone, 0 zeroes it."""
+    bits = check_bits(bits)
+    if bits == 16:
+        return w.clone()
+    if bits == 0:
+        return torch.zeros_like(w)
+    return dequantize_rows(*quantize_rows(w, bits)).to(w.dtype)
+
+
+def fake_quant_mixed(w: torch.Tensor, bits_per_row: torch.Tensor) -> torch.Tensor:
+    """Each output channel (row) at its own bit width."""
+    if bits_per_row.shape != (w.shape[0],):
+        raise ValueError(f"bits_per_row has shape {tuple(bits_per_row.shape)}, expected ({w.shape[0]},)")
+    out = torch.empty_like(w)
+    for b in bits_per_row.unique().tolist():
+        rows = bits_per_row == b
+        out[rows] = fake_quant_rows(w[rows], int(b))
+    return out
+
+
+def fake_quant_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token (last dim) dynamic symmetric quantization; 16 leaves x alone."""
+    if bits >= 16:
+        return x
+    if bits not in (4, 8):
+        raise ValueError(f"activation bits must be 4, 8 or 16, got {bits}")
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
+    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+
+
+def weight_error(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantized minus original weight, same shape as w."""
+    return fake_quant_rows(w, bits) - w
