@@ -34,6 +34,47 @@ def _eval(a: argparse.Namespace) -> None:
         print(f"ERROR in {e['id']}: {e['error']}", file=sys.stderr)
 
 
+def _calibrate(a: argparse.Namespace) -> None:
+    from qvla.calibrate import collect
+
+    m = collect(a.policy, a.suite, a.episodes, a.out, a.seed)
+    calls = sum(e["calls"] for e in m["episodes"])
+    print(f"{len(m['episodes'])} calibration episodes, {calls} policy calls -> {a.out}")
+
+
+def _sensitivity(a: argparse.Namespace) -> None:
+    from qvla.quant.pipeline import run_sensitivity
+
+    r = run_sensitivity(a.policy, a.calib, a.out, a.form, a.a_bits, a.validate, a.suite, a.seed)
+    print(f"sensitivity of {r['channels']} channels in {r['layers']} layers over {r['observations']} "
+          f"steps: {r['seconds']:.1f} s -> {a.out}")
+    if "validation" in r:
+        v = r["validation"]
+        print(f"validation over {v['k']} triples: Spearman product {v['spearman_product']:.3f}, "
+              f"projected {v['spearman_projected']:.3f}; exhaustive/proxy time {v['exhaustive_over_proxy']:.0f}x")
+
+
+def _pins(items: list[str]) -> dict[str, int]:
+    pins = {}
+    for item in items:
+        key, sep, bits = item.rpartition("=")
+        if not sep or not bits.isdigit():
+            raise ValueError(f"--keep expects ROLE=BITS or re:REGEX=BITS, got {item!r}")
+        pins[key] = int(bits)
+    return pins
+
+
+def _quantize(a: argparse.Namespace) -> None:
+    from qvla.quant.methods import QuantConfig
+    from qvla.quant.pipeline import quantize
+
+    cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, form=a.form, proxy=a.proxy,
+                      solver=a.solver, pins=_pins(a.keep), no_prune=tuple(a.no_prune))
+    out = quantize(a.policy, cfg, a.calib, a.out, a.suite)
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    print(f"{a.method} W{a.w_bits:g}A{a.a_bits}: average {q['average_bits']:.3f} bits per weight -> {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qvla", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -69,6 +110,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", nargs="*", default=None)
     e.add_argument("--out", default=None, help="summary JSON; per-episode records go to the .jsonl beside it")
     e.set_defaults(func=_eval)
+
+    c = sub.add_parser("calibrate", help="roll out the full-precision policy on calibration episodes")
+    c.add_argument("--policy", required=True)
+    c.add_argument("--suite", default="mt10")
+    c.add_argument("--episodes", type=int, default=10)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=_calibrate)
+
+    s = sub.add_parser("sensitivity", help="action-space sensitivity of every channel at 8/4/2/0 bits")
+    s.add_argument("--policy", required=True)
+    s.add_argument("--calib", required=True)
+    s.add_argument("--out", required=True, help=".safetensors file; a .json report is written beside it")
+    s.add_argument("--form", default="action", choices=["action", "logits"])
+    s.add_argument("--a-bits", type=int, default=16)
+    s.add_argument("--validate", type=int, default=0, metavar="K", help="check the proxy on K random triples")
+    s.add_argument("--suite", default=None, help="refuse calibration data from another suite")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_sensitivity)
+
+    q = sub.add_parser("quantize", help="quantize a policy and write the quantized checkpoint")
+    q.add_argument("--policy", required=True)
+    q.add_argument("--method", default="qvla")
+    q.add_argument("--w-bits", type=float, required=True, help="average weight bits per weight (budget)")
+    q.add_argument("--a-bits", type=int, default=16, choices=[4, 8, 16])
+    q.add_argument("--calib", default=None)
+    q.add_argument("--suite", default="mt10")
+    q.add_argument("--form", default="action", choices=["action", "logits"])
+    q.add_argument("--proxy", default="product", choices=["product", "projected"])
+    q.add_argument("--solver", default="greedy", choices=["greedy", "exact"])
+    q.add_argument("--keep", nargs="*", default=[], metavar="ROLE=BITS",
+                   help="lowest bits allowed for a role or re:REGEX layer pattern, e.g. lm_head=16")
+    q.add_argument("--no-prune", nargs="*", default=[], metavar="ROLE", help="roles that may not use 0 bits")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=_quantize)
     return p
 
 

@@ -60,6 +60,7 @@ def _init_worker(policy_ref: str, suite: str, image_size: int) -> None:
     from qvla.policies import load_policy
 
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
     _worker["policy"] = load_policy(policy_ref)
     _worker["env"] = get_suite(suite).make_env(image_size=image_size)
 
@@ -85,6 +86,8 @@ def summarize(records: list[dict], meta: dict) -> dict:
 
 def check_writable(out: str | Path) -> Path:
     out = Path(out)
+    if out.suffix != ".json":
+        raise ValueError(f"--out must be a .json file (records go to the .jsonl beside it), got {out}")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: directory {parent} does not exist")
@@ -142,6 +145,7 @@ def format_table(summaries: dict[str, dict]) -> str:
     rows.append("| **average** | " + " | ".join(f"**{fmt(summaries[n]['success_rate'])}**" for n in names) + " |")
     rows.append("| episodes (errors) | " + " | ".join(
         f"{summaries[n]['episodes']} ({len(summaries[n]['errors'])})" for n in names) + " |")
+    ms = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731 (None when every episode crashed)
     rows.append("| policy call, median ms | " + " | ".join(
-        f"{summaries[n]['control_step_ms_median']:.1f}" for n in names) + " |")
+        ms(summaries[n]["control_step_ms_median"]) for n in names) + " |")
     return "\n".join(rows)

@@ -54,6 +54,39 @@ class MicroVLAPolicy:
         b = self.batch([obs])
         return self.model.predict(b["images"], b["text"], b["proprio"])[0].float().numpy()
 
+    def action_outputs(self, batch: dict[str, torch.Tensor], form: str) -> torch.Tensor:
+        """Differentiable outputs for sensitivity analysis.
+
+        form "action": (B, K*A) continuous actions (the chunk; for the token head, the expected action
+        under the bin distribution). form "logits": (B, K*A, bins) action-bin logits (token head only).
+        The token head is teacher-forced on its own greedy full-precision tokens, found first without grad.
+        """
+        m, c = self.model, self.config
+        if c.head == "chunk":
+            if form != "action":
+                raise ValueError(f"the chunk head has continuous outputs only; form must be 'action', got {form!r}")
+            return m.forward_chunk(batch["images"], batch["text"], batch["proprio"]).flatten(1)
+        if "action_ids" not in batch:
+            raise ValueError("token head: batch needs 'action_ids' (see teacher_ids())")
+        logits = m.forward_token_logits(batch["images"], batch["text"], batch["proprio"], batch["action_ids"])
+        if form == "logits":
+            return logits
+        if form == "action":
+            centers = (torch.arange(c.action_bins, dtype=logits.dtype) + 0.5) / c.action_bins * 2 - 1
+            return (logits.softmax(-1) * centers).sum(-1)
+        raise ValueError(f"form must be 'action' or 'logits', got {form!r}")
+
+    @torch.no_grad()
+    def teacher_ids(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Adds the greedy full-precision action tokens to a batch (no-op for the chunk head)."""
+        if self.config.head == "token":
+            actions = self.model.generate_actions(batch["images"], batch["text"], batch["proprio"])
+            batch = {**batch, "action_ids": self.model.action_token_ids(actions.flatten(1))}
+        return batch
+
+    def output_forms(self) -> tuple[str, ...]:
+        return ("action",) if self.config.head == "chunk" else ("logits", "action")
+
     def module_roles(self) -> dict[str, str]:
         return roles_by_prefix(self.model, ROLE_TABLE)
 

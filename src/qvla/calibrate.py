@@ -1,0 +1,86 @@
+"""Calibration episodes: the full-precision policy acting on the suite's *calib* split, every observation it
+acted on stored, so that sensitivities are measured on the states the policy really visits (horizon T =
+the whole episode, one entry per policy call).
+
+Format (one directory): manifest.json {"format": "qvla-calib/1", "suite", "seed", "policy", "checkpoint",
+"weights_sha256", "episodes": [{"file", "id", "task", "instruction", "calls", "success"}]} and
+episodes/<k>.npz with "<camera>" (T, H, W, 3) uint8 and "proprio" (T, 4) float32, T = policy calls.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from qvla.checkpoint import WEIGHTS, sha256
+from qvla.envs import Observation, get_suite
+from qvla.evaluate import rollout
+
+FORMAT = "qvla-calib/1"
+
+
+def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: int = 0) -> dict:
+    """Rolls out the policy on `episodes` calibration episodes spread round-robin over the suite's tasks."""
+    from qvla.policies import load_policy, resolve
+
+    if episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    torch.set_num_threads(1)  # the same observations as an evaluation worker would see
+    path = resolve(policy_ref)
+    policy = load_policy(path)
+    s = get_suite(suite)
+    per_task = -(-episodes // len(s.tasks))
+    by_task = s.episodes("calib", per_task, seed)
+    specs = sorted(by_task, key=lambda e: (e.index, list(s.tasks).index(e.task)))[:episodes]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".calib-", dir=out.parent))
+    (tmp / "episodes").mkdir()
+    env = s.make_env(image_size=policy.config.image_size)
+    entries = []
+    try:
+        for k, spec in enumerate(tqdm(specs, desc="calibrate", unit="ep")):
+            seen: list[Observation] = []
+            rec = rollout(policy, env, spec, observer=lambda _s, _t, o: seen.append(o))
+            cams = {c: np.stack([o.images[c] for o in seen]) for c in seen[0].images}
+            np.savez(tmp / f"episodes/{k:04d}.npz", proprio=np.stack([o.proprio for o in seen]), **cams)
+            entries.append({"file": f"episodes/{k:04d}.npz", "id": spec.id, "task": spec.task,
+                            "instruction": seen[0].instruction, "calls": len(seen), "success": rec["success"]})
+        manifest = {"format": FORMAT, "suite": suite, "seed": seed, "policy": policy.name,
+                    "checkpoint": str(path), "weights_sha256": sha256(path / WEIGHTS), "episodes": entries}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        env.close()
+    return manifest
+
+
+def load_calibration(path: str | Path, suite: str | None = None) -> tuple[dict, list[Observation]]:
+    """-> (manifest, observations in episode order); refuses data from another suite."""
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        raise FileNotFoundError(f"{path} is not a calibration directory (no manifest.json)")
+    manifest = json.loads((path / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if suite is not None and manifest["suite"] != suite:
+        raise ValueError(f"calibration data in {path} is from suite {manifest['suite']!r}, not {suite!r}")
+    observations = []
+    for e in manifest["episodes"]:
+        with np.load(path / e["file"], allow_pickle=False) as z:
+            cams = [k for k in z.files if k != "proprio"]
+            for t in range(e["calls"]):
+                observations.append(Observation({c: z[c][t] for c in cams}, z["proprio"][t],
+                                                e["instruction"], e["task"], {"episode": e["id"], "t": t}))
+    return manifest, observations

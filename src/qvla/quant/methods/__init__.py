@@ -1,0 +1,54 @@
+"""Method registry: a method turns (policy, settings, calibration) into a Plan. One file + one line each."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from qvla.quant.plan import A_BITS
+from qvla.quant.primitives import BITS
+
+
+@dataclass
+class QuantConfig:
+    method: str = "qvla"
+    w_bits: float = 4.0  # average weight bits per weight over all quantized layers (the budget)
+    a_bits: int = 16  # activation bits: 16 (weight-only), 8 or 4
+    form: str = "action"  # sensitivity output: "action" (continuous / expected action) or "logits" (KL)
+    proxy: str = "product"  # "product" = ||J||*||dx|| as specified, or "projected" = ||J dx||
+    solver: str = "greedy"  # "greedy" or "exact" (MILP)
+    pins: dict[str, int] = field(default_factory=dict)  # role or "re:<layer regex>" -> lowest bits allowed
+    no_prune: tuple[str, ...] = ()  # roles in which 0 bits is forbidden
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise KeyError(f"unknown method {self.method!r}; available: {sorted(METHODS)}")
+        if not (0 < self.w_bits <= 16):
+            raise ValueError(f"--w-bits (average bits per weight) must be in (0, 16], got {self.w_bits}")
+        if self.a_bits not in A_BITS:
+            raise ValueError(f"--a-bits must be one of {A_BITS}, got {self.a_bits}")
+        for key, b in self.pins.items():
+            if b not in BITS:
+                raise ValueError(f"pin {key}={b}: bits must be one of {BITS}")
+        if self.proxy not in ("product", "projected") or self.solver not in ("greedy", "exact"):
+            raise ValueError(f"proxy must be product|projected and solver greedy|exact, got {self.proxy}, {self.solver}")
+
+    def pinned_bits(self, layer: str, role: str) -> int | None:
+        for key, b in self.pins.items():
+            if (key.startswith("re:") and re.search(key[3:], layer)) or key == role:
+                return b
+        return None
+
+
+def _qvla(*a, **k):
+    from qvla.quant.methods.qvla import make_plan
+    return make_plan(*a, **k)
+
+
+def _rtn(*a, **k):
+    from qvla.quant.methods.rtn import make_plan
+    return make_plan(*a, **k)
+
+
+METHODS: dict[str, Callable] = {"qvla": _qvla, "rtn": _rtn}

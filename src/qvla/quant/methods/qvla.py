@@ -1,0 +1,50 @@
+"""QVLA: action-space sensitivity over calibration episodes -> global bit allocation -> plan."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qvla.quant import allocate
+from qvla.quant.apply import layer_shapes
+from qvla.quant.methods import QuantConfig
+from qvla.quant.plan import Plan, signature
+from qvla.quant.sensitivity import Sensitivity
+
+
+def problem_from(sens: Sensitivity, cfg: QuantConfig, table: str) -> tuple[allocate.Problem, list]:
+    """Flattens per-layer sensitivity into the allocation problem, with pins and no-prune roles applied."""
+    layers = list(sens.product)
+    tables = getattr(sens, table)
+    cost = np.concatenate([tables[n].numpy() for n in layers])
+    fan_in = np.concatenate([np.full(len(tables[n]), sens.fan_in[n]) for n in layers]).astype(np.float64)
+    allowed = np.ones_like(cost, dtype=bool)
+    row = 0
+    for n in layers:
+        rows = slice(row, row + len(tables[n]))
+        floor = cfg.pinned_bits(n, sens.roles[n])
+        if floor is not None:  # a pinned layer never goes below its floor (16 = kept in floating point)
+            allowed[rows] &= np.array(allocate.CHAIN)[None] >= floor
+        if sens.roles[n] in cfg.no_prune:
+            allowed[rows, allocate.CHAIN.index(0)] = False
+        row += len(tables[n])
+    return allocate.Problem(cost, fan_in, allowed), layers
+
+
+def make_plan(policy, cfg: QuantConfig, sens: Sensitivity, provenance: dict | None = None) -> Plan:
+    if sens.meta["a_bits"] != cfg.a_bits:
+        raise ValueError(f"sensitivity was computed for a_bits={sens.meta['a_bits']}, plan wants {cfg.a_bits}")
+    problem, layers = problem_from(sens, cfg, cfg.proxy)
+    if cfg.solver == "exact":
+        flat, cert = allocate.exact(problem, cfg.w_bits)
+    else:
+        flat, cert = allocate.greedy(problem, cfg.w_bits), {}
+    bits, row = {}, 0
+    for n in layers:
+        c = len(sens.product[n])
+        bits[n] = torch.from_numpy(flat[row:row + c].astype(np.int8))
+        row += c
+    prov = {**(provenance or {}), "sensitivity": sens.meta, "proxy": cfg.proxy, "solver": cfg.solver,
+            "objective": problem.objective(flat), "solver_certificate": cert, "pins": cfg.pins,
+            "no_prune": list(cfg.no_prune)}
+    return Plan(bits, dict(sens.fan_in), dict(sens.roles), cfg.a_bits, float(cfg.w_bits), "qvla",
+                signature(layer_shapes(policy.model, layers)), prov)

@@ -1,0 +1,106 @@
+"""Orchestration of the quantization stages: calibration -> sensitivity -> plan -> quantized checkpoint.
+
+Each stage reads the previous stage's artifact; sensitivities are cached next to the calibration data,
+keyed by everything that determines them, so a rerun with the same inputs reuses them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qvla.calibrate import load_calibration
+from qvla.checkpoint import WEIGHTS, read_meta, save_checkpoint, sha256
+from qvla.quant import sensitivity as S
+from qvla.quant.apply import quantize_, quantized_tensors
+from qvla.quant.methods import METHODS, QuantConfig
+
+log = logging.getLogger(__name__)
+
+
+def _load(policy_ref: str, calib: str | Path, suite: str | None):
+    from qvla.policies import load_policy, resolve
+
+    path = resolve(policy_ref)
+    policy = load_policy(path)
+    if read_meta(path).get("quantization"):
+        raise ValueError(f"{path} is already quantized; quantize the full-precision policy")
+    manifest, observations = load_calibration(calib, suite)
+    weights = sha256(Path(path) / WEIGHTS)
+    if manifest["weights_sha256"] != weights:
+        raise ValueError(f"calibration data in {calib} was collected with another policy "
+                         f"({manifest['policy']}, weights {manifest['weights_sha256'][:12]}), not {path}")
+    return path, policy, manifest, observations, weights
+
+
+def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, form: str, a_bits: int,
+                    batch_size: int = 16, cache: bool = True) -> tuple[S.Sensitivity, Path]:
+    key = hashlib.sha256(json.dumps([manifest["weights_sha256"], form, a_bits, len(observations),
+                                     [e["id"] for e in manifest["episodes"]]]).encode()).hexdigest()[:12]
+    file = Path(calib) / f"sensitivity-{form}-a{a_bits}-{key}.safetensors"
+    if cache and file.is_file():
+        log.info("reusing %s", file)
+        return S.load(file)[0], file
+    sens = S.compute(policy, observations, form=form, a_bits=a_bits, batch_size=batch_size,
+                     progress=lambda it: tqdm(it, desc=f"sensitivity ({form}, A{a_bits})", unit="batch"))
+    S.save(file, sens, {"policy": policy.name, "weights_sha256": manifest["weights_sha256"],
+                        "calibration": str(calib), "episodes": [e["id"] for e in manifest["episodes"]]})
+    return sens, file
+
+
+def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: str | Path,
+             suite: str = "mt10") -> Path:
+    """Builds the plan with the configured method, applies it and writes the quantized checkpoint."""
+    from qvla.policies import load_policy, resolve
+
+    provenance: dict = {"policy_ref": str(policy_ref), "config": {**cfg.__dict__, "no_prune": list(cfg.no_prune)}}
+    if cfg.method == "rtn":
+        path = resolve(policy_ref)
+        policy = load_policy(path)
+        plan = METHODS["rtn"](policy, cfg, None, provenance)
+        weights = sha256(Path(path) / WEIGHTS)
+    else:
+        if calib is None:
+            raise ValueError(f"method {cfg.method} needs --calib (a directory written by 'qvla calibrate')")
+        path, policy, manifest, observations, weights = _load(policy_ref, calib, suite)
+        sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits, cfg.batch_size)
+        provenance.update({"calibration": str(calib), "calibration_episodes": len(manifest["episodes"]),
+                           "sensitivity_file": str(file)})
+        plan = METHODS[cfg.method](policy, cfg, sens, provenance)
+    plan.provenance["weights_sha256"] = weights
+    quantize_(policy, plan)
+    meta = read_meta(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        plan.save(tmp)
+        extra = {f: (Path(tmp) / f).read_bytes() for f in ("plan.json", "plan.safetensors")}
+    quant = {"method": plan.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+             "average_bits": plan.average_bits, "source": str(path), "source_weights_sha256": weights}
+    save_checkpoint(out, {"family": meta["family"], "policy": f"{meta.get('policy', path)}+{plan.method}"
+                          f"-w{cfg.w_bits:g}a{cfg.a_bits}", "config": meta["config"], "quantization": quant},
+                    quantized_tensors(policy), extra_files=extra)
+    return Path(out)
+
+
+def run_sensitivity(policy_ref: str, calib: str | Path, out: str | Path, form: str = "action",
+                    a_bits: int = 16, validate_k: int = 0, suite: str | None = None, seed: int = 0) -> dict:
+    """`qvla sensitivity`: computes (or reuses) the tables, copies them to `out`, optionally validates."""
+    torch.set_num_threads(torch.get_num_threads())
+    path, policy, manifest, observations, weights = _load(policy_ref, calib, suite)
+    sens, file = sensitivity_for(policy, observations, manifest, calib, form, a_bits)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(file.read_bytes())
+    report = {"policy": policy.name, "form": form, "a_bits": a_bits, "observations": len(observations),
+              "episodes": len(manifest["episodes"]), "seconds": sens.meta["seconds"],
+              "layers": len(sens.product), "channels": sum(len(v) for v in sens.product.values())}
+    if validate_k:
+        v = S.validate(policy, observations, sens, validate_k, seed=seed,
+                       progress=lambda it: tqdm(it, desc="validate", unit="triple"))
+        report["validation"] = v
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,89 @@
+"""The plan artifact: per-channel weight bits for every quantizable layer, plus how they were chosen.
+
+On disk: DIR/plan.json (settings, per-layer summary, provenance) and DIR/plan.safetensors (bits per
+channel, int8, one tensor per layer). A plan is tied to a model architecture by `signature`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qvla.quant.primitives import BITS
+
+FORMAT = "qvla-plan/1"
+A_BITS = (4, 8, 16)
+
+
+def signature(shapes: dict[str, tuple[int, ...]]) -> str:
+    """A hash of the quantizable layers' names and weight shapes: a plan only fits the model it was made for."""
+    text = ";".join(f"{n}:{tuple(s)}" for n, s in sorted(shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    bits: dict[str, torch.Tensor]  # layer -> (C,) int8 weight bits per output channel, in BITS
+    fan_in: dict[str, int]  # layer -> weights per output channel
+    roles: dict[str, str]
+    a_bits: int  # activation bits for every quantized layer's input (16 = none)
+    budget: float  # requested average weight bits
+    method: str
+    signature: str
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.a_bits not in A_BITS:
+            raise ValueError(f"a_bits must be one of {A_BITS}, got {self.a_bits}")
+        if not (0 < self.budget <= 16):
+            raise ValueError(f"budget (average bits per weight) must be in (0, 16], got {self.budget}")
+        for n, b in self.bits.items():
+            bad = sorted(set(b.unique().tolist()) - set(BITS))
+            if bad:
+                raise ValueError(f"layer {n}: bits {bad} not in {BITS}")
+
+    @property
+    def average_bits(self) -> float:
+        total = sum(float(b.double().sum()) * self.fan_in[n] for n, b in self.bits.items())
+        return total / sum(len(b) * self.fan_in[n] for n, b in self.bits.items())
+
+    def summary(self) -> dict:
+        per_role: dict[str, dict] = {}
+        for n, b in self.bits.items():
+            r = per_role.setdefault(self.roles[n], {"weights": 0, "bit_weights": 0.0, "channels": 0,
+                                                    "hist": {str(x): 0 for x in BITS}})
+            r["weights"] += len(b) * self.fan_in[n]
+            r["bit_weights"] += float(b.double().sum()) * self.fan_in[n]
+            r["channels"] += len(b)
+            for x in BITS:
+                r["hist"][str(x)] += int((b == x).sum())
+        for r in per_role.values():
+            r["average_bits"] = r.pop("bit_weights") / r["weights"]
+        return per_role
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({n: b.to(torch.int8).contiguous() for n, b in self.bits.items()}, out / "plan.safetensors")
+        meta = {"format": FORMAT, "method": self.method, "budget": self.budget, "a_bits": self.a_bits,
+                "average_bits": self.average_bits, "signature": self.signature, "fan_in": self.fan_in,
+                "roles": self.roles, "per_role": self.summary(), "provenance": self.provenance}
+        (out / "plan.json").write_text(json.dumps(meta, indent=1))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        for f in ("plan.json", "plan.safetensors"):
+            if not (path / f).is_file():
+                raise FileNotFoundError(f"{path} is not a plan directory: {f} is missing")
+        meta = json.loads((path / "plan.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}/plan.json: format {meta.get('format')!r}, expected {FORMAT!r}")
+        bits = {n: t.to(torch.int8) for n, t in load_file(path / "plan.safetensors").items()}
+        return cls(bits, meta["fan_in"], meta["roles"], meta["a_bits"], meta["budget"], meta["method"],
+                   meta["signature"], meta["provenance"])
