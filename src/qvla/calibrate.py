@@ -41,6 +41,7 @@ def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: i
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".calib-", dir=out.parent))
+    tmp.chmod(0o755)
     (tmp / "episodes").mkdir()
     env = s.make_env(image_size=policy.config.image_size)
     entries = []

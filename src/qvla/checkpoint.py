@@ -35,6 +35,7 @@ def save_checkpoint(out: str | Path, meta: dict, tensors: dict[str, torch.Tensor
     if not os.access(out.parent, os.W_OK):
         raise PermissionError(f"cannot write checkpoint under {out.parent}: directory is not writable")
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=out.parent))
+    tmp.chmod(0o755)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS)
         for name, data in (extra_files or {}).items():

@@ -75,6 +75,12 @@ def _quantize(a: argparse.Namespace) -> None:
     print(f"{a.method} W{a.w_bits:g}A{a.a_bits}: average {q['average_bits']:.3f} bits per weight -> {out}")
 
 
+def _report(a: argparse.Namespace) -> None:
+    from qvla.report import write_report
+
+    print(f"wrote {write_report(a.sensitivity, a.plans, a.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qvla", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -145,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-prune", nargs="*", default=[], metavar="ROLE", help="roles that may not use 0 bits")
     q.add_argument("--out", required=True)
     q.set_defaults(func=_quantize)
+
+    r = sub.add_parser("report", help="plots and a markdown summary of sensitivities and plans")
+    r.add_argument("--sensitivity", required=True, help="file written by 'qvla sensitivity'")
+    r.add_argument("--plans", nargs="*", default=[], help="quantized checkpoint or plan directories")
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=_report)
     return p
 
 

@@ -75,6 +75,7 @@ def write_demos(suite: str, per_task: int, out: str | Path, seed: int = 0, image
         raise FileExistsError(f"demo directory {out} exists and is not empty; choose a new --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demos-", dir=out.parent))
+    tmp.chmod(0o755)
     (tmp / "episodes").mkdir()
     kept, dropped, counts = [], [], {}
     try:

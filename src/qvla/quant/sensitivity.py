@@ -131,27 +131,28 @@ def compute(policy, observations: list, form: str = "action", a_bits: int = 16, 
                 out = policy.action_outputs(batch, form)
             rec.active = False
             ys = [rec.outputs[n] for n in names]
-            errs = {n: output_errors(targets[n], rec.inputs[n], a_bits, B) for n in names}
-            j2 = {n: torch.zeros(B, prod[n].shape[0], dtype=torch.float64) for n in names}
-            p2 = {n: torch.zeros(B, prod[n].shape[0], len(SENS_BITS), dtype=torch.float64) for n in names}
+            errs = {n: torch.stack(list(output_errors(targets[n], rec.inputs[n], a_bits, B).values()), -1)
+                    for n in names}  # (B, T, C, 5)
+            j2 = {n: torch.zeros(B, prod[n].shape[0]) for n in names}
+            p2 = {n: torch.zeros(B, prod[n].shape[0], len(SENS_BITS)) for n in names}
             for scalar, weight in _probe_scalars(out, form, probes, g):
                 grads = torch.autograd.grad(scalar, ys, retain_graph=True, allow_unused=True)
                 for n, gr in zip(names, grads):
                     if gr is None:
                         continue
-                    gs = per_sample(gr, B, isinstance(targets[n], nn.Conv2d)).double()
+                    gs = per_sample(gr, B, isinstance(targets[n], nn.Conv2d))
                     j2[n] += weight * gs.pow(2).sum(1)
-                    dots = torch.stack([(gs * errs[n][b].double()).sum(1) for b in SENS_BITS], -1)
-                    p2[n] += weight * dots.pow(2)
+                    p2[n] += weight * torch.einsum("btc,btck->bck", gs, errs[n]).pow(2)
             for n in names:
-                dy = torch.stack([errs[n][b].double().pow(2).sum(1) for b in SENS_BITS], -1)  # (B, C, 5)
+                dy = errs[n].pow(2).sum(1).double()  # (B, C, 5)
+                jn, pn = j2[n].double(), p2[n].double()
                 if kl:
-                    prod[n] += (0.5 * j2[n][..., None] * dy).sum(0)
-                    proj[n] += (0.5 * p2[n]).sum(0)
+                    prod[n] += (0.5 * jn[..., None] * dy).sum(0)
+                    proj[n] += (0.5 * pn).sum(0)
                 else:
-                    prod[n] += (j2[n].sqrt()[..., None] * dy.sqrt()).sum(0)
-                    proj[n] += p2[n].sqrt().sum(0)
-                jac[n] += j2[n].sqrt().sum(0)
+                    prod[n] += (jn.sqrt()[..., None] * dy.sqrt()).sum(0)
+                    proj[n] += pn.sqrt().sum(0)
+                jac[n] += jn.sqrt().sum(0)
             del out, ys, errs
     finally:
         rec.close()
