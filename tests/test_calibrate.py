@@ -1,0 +1,116 @@
+"""Calibration episodes: one stored observation per policy call, tied to the policy's weights and the suite."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import qvla.calibrate
+from qvla.calibrate import collect, load_calibration
+from qvla.checkpoint import WEIGHTS, sha256
+from qvla.quant.methods import QuantConfig
+from qvla.quant.pipeline import quantize
+
+
+@pytest.fixture(scope="module")
+def calib(chunk_ckpt, tmp_path_factory):
+    """One calibration episode of the random-init chunk policy, plus the rollout records it produced."""
+    records = []
+
+    def spy(*args, **kwargs):
+        rec = rollout(*args, **kwargs)
+        records.append(rec)
+        return rec
+
+    rollout = qvla.calibrate.rollout
+    out = tmp_path_factory.mktemp("calib") / "mt10"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qvla.calibrate, "rollout", spy)
+        manifest = collect(str(chunk_ckpt), "mt10", 1, out)
+    return out, manifest, records
+
+
+def test_manifest_records_suite_weights_and_calls(chunk_ckpt, calib):
+    out, manifest, records = calib
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["format"] == "qvla-calib/1" and manifest["suite"] == "mt10" and manifest["seed"] == 0
+    assert manifest["weights_sha256"] == sha256(chunk_ckpt / WEIGHTS)
+    assert len(manifest["episodes"]) == 1 and len(records) == 1
+    ep, rec = manifest["episodes"][0], records[0]
+    assert ep["id"] == rec["id"] and ep["id"].startswith("mt10/") and "calib" in ep["id"]
+    assert ep["calls"] == rec["policy_calls"] > 0 and ep["success"] == rec["success"]
+    assert ep["calls"] == -(-rec["steps"] // 4)  # a 4-action chunk per call
+    assert [p.name for p in (out / "episodes").iterdir()] == ["0000.npz"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".calib-")]  # no temp dir left behind
+
+
+def test_load_calibration_returns_every_call(calib):
+    out, manifest, _ = calib
+    m, observations = load_calibration(out, suite="mt10")
+    assert m == manifest and len(observations) == manifest["episodes"][0]["calls"]
+    o = observations[-1]
+    assert set(o.images) == {"third", "wrist"} and o.images["third"].shape == (96, 96, 3)
+    assert o.images["third"].dtype == np.uint8 and o.proprio.shape == (4,)
+    assert o.extras == {"episode": manifest["episodes"][0]["id"], "t": len(observations) - 1}
+    assert o.instruction == manifest["episodes"][0]["instruction"] and o.task == manifest["episodes"][0]["task"]
+    assert not np.array_equal(observations[0].images["third"], o.images["third"])  # the scene moved
+
+
+def test_load_calibration_refuses_another_suite(calib):
+    with pytest.raises(ValueError, match="from suite 'mt10', not 'other'"):
+        load_calibration(calib[0], suite="other")
+
+
+def test_load_calibration_refuses_a_non_calibration_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        load_calibration(tmp_path)
+
+
+def test_collect_refuses_zero_episodes(chunk_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="--episodes must be >= 1, got 0"):
+        collect(str(chunk_ckpt), "mt10", 0, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_quantize_refuses_calibration_from_another_checkpoint(calib, save_random_checkpoint, tmp_path):
+    other = save_random_checkpoint("microvla-chunk", tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="collected with another policy"):
+        quantize(str(other), QuantConfig(method="qvla", w_bits=4), calib[0], tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_refuses_calibration_from_another_suite(chunk_ckpt, calib, tmp_path):
+    with pytest.raises(ValueError, match="not 'libero'"):
+        quantize(str(chunk_ckpt), QuantConfig(method="qvla", w_bits=4), calib[0], tmp_path / "q", suite="libero")
+
+
+def test_qvla_quantize_end_to_end_and_reuses_sensitivities(chunk_ckpt, calib, tmp_path, monkeypatch):
+    from qvla.policies import load_policy
+    from qvla.quant import pipeline
+
+    import shutil
+
+    short = shutil.copytree(calib[0], tmp_path / "calib")  # the first 8 calls keep the test short
+    manifest = json.loads((short / "manifest.json").read_text())
+    manifest["episodes"][0]["calls"] = 8
+    (short / "manifest.json").write_text(json.dumps(manifest))
+    cfg = QuantConfig(method="qvla", w_bits=3.0, no_prune=("lm_head", "action_head"))
+    q = quantize(str(chunk_ckpt), cfg, short, tmp_path / "q")
+    meta = json.loads((q / "config.json").read_text())["quantization"]
+    assert meta["method"] == "qvla" and meta["average_bits"] <= 3.0 + 1e-9
+    assert meta["source_weights_sha256"] == sha256(chunk_ckpt / WEIGHTS)
+    policy = load_policy(q)
+    assert policy.plan.provenance["calibration_episodes"] == 1
+    assert len(policy.plan.provenance["sensitivity_file"]) and len(list(short.glob("sensitivity-*"))) == 1
+    bits = np.concatenate([b.numpy() for b in policy.plan.bits.values()])
+    assert len(set(bits.tolist())) > 1  # mixed precision
+    assert policy.plan.provenance["sensitivity"]["observations"] == 8
+    assert policy.act(load_calibration(short)[1][0]).shape == (4, 4)
+
+    def no_recompute(*a, **k):
+        raise AssertionError("sensitivities were recomputed instead of reused")
+
+    monkeypatch.setattr(pipeline.S, "compute", no_recompute)
+    again = quantize(str(chunk_ckpt), cfg, short, tmp_path / "q2")
+    assert (again / WEIGHTS).read_bytes() == (q / WEIGHTS).read_bytes()
