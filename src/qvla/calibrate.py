@@ -32,6 +32,7 @@ def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: i
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     torch.set_num_threads(1)  # the same observations as an evaluation worker would see
+    torch.set_flush_denormal(True)
     path = resolve(policy_ref)
     policy = load_policy(path)
     s = get_suite(suite)

@@ -45,7 +45,7 @@ def _calibrate(a: argparse.Namespace) -> None:
 def _sensitivity(a: argparse.Namespace) -> None:
     from qvla.quant.pipeline import run_sensitivity
 
-    r = run_sensitivity(a.policy, a.calib, a.out, a.form, a.a_bits, a.validate, a.suite, a.seed)
+    r = run_sensitivity(a.policy, a.calib, a.out, a.form, a.a_bits, a.validate, a.suite, a.seed, a.probes)
     print(f"sensitivity of {r['channels']} channels in {r['layers']} layers over {r['observations']} "
           f"steps: {r['seconds']:.1f} s -> {a.out}")
     if "validation" in r:
@@ -69,7 +69,7 @@ def _quantize(a: argparse.Namespace) -> None:
     from qvla.quant.pipeline import quantize
 
     cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, form=a.form, proxy=a.proxy,
-                      solver=a.solver, pins=_pins(a.keep), no_prune=tuple(a.no_prune))
+                      solver=a.solver, pins=_pins(a.keep), no_prune=tuple(a.no_prune), probes=a.probes)
     out = quantize(a.policy, cfg, a.calib, a.out, a.suite)
     q = json.loads((out / "config.json").read_text())["quantization"]
     print(f"{a.method} W{a.w_bits:g}A{a.a_bits}: average {q['average_bits']:.3f} bits per weight -> {out}")
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--validate", type=int, default=0, metavar="K", help="check the proxy on K random triples")
     s.add_argument("--suite", default=None, help="refuse calibration data from another suite")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--probes", type=int, default=None,
+                   help="random projections per batch (default: exact Jacobian rows; 16 for --form logits)")
     s.set_defaults(func=_sensitivity)
 
     q = sub.add_parser("quantize", help="quantize a policy and write the quantized checkpoint")
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep", nargs="*", default=[], metavar="ROLE=BITS",
                    help="lowest bits allowed for a role or re:REGEX layer pattern, e.g. lm_head=16")
     q.add_argument("--no-prune", nargs="*", default=[], metavar="ROLE", help="roles that may not use 0 bits")
+    q.add_argument("--probes", type=int, default=None)
     q.add_argument("--out", required=True)
     q.set_defaults(func=_quantize)
 

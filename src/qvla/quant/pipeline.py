@@ -39,14 +39,14 @@ def _load(policy_ref: str, calib: str | Path, suite: str | None):
 
 
 def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, form: str, a_bits: int,
-                    batch_size: int = 16, cache: bool = True) -> tuple[S.Sensitivity, Path]:
-    key = hashlib.sha256(json.dumps([manifest["weights_sha256"], form, a_bits, len(observations),
-                                     [e["id"] for e in manifest["episodes"]]]).encode()).hexdigest()[:12]
+                    batch_size: int = 16, probes: int | None = None, cache: bool = True) -> tuple[S.Sensitivity, Path]:
+    key = hashlib.sha256(json.dumps([manifest["weights_sha256"], form, a_bits, len(observations), batch_size,
+                                     probes, [e["id"] for e in manifest["episodes"]]]).encode()).hexdigest()[:12]
     file = Path(calib) / f"sensitivity-{form}-a{a_bits}-{key}.safetensors"
     if cache and file.is_file():
         log.info("reusing %s", file)
         return S.load(file)[0], file
-    sens = S.compute(policy, observations, form=form, a_bits=a_bits, batch_size=batch_size,
+    sens = S.compute(policy, observations, form=form, a_bits=a_bits, batch_size=batch_size, probes=probes,
                      progress=lambda it: tqdm(it, desc=f"sensitivity ({form}, A{a_bits})", unit="batch"))
     S.save(file, sens, {"policy": policy.name, "weights_sha256": manifest["weights_sha256"],
                         "calibration": str(calib), "episodes": [e["id"] for e in manifest["episodes"]]})
@@ -58,6 +58,7 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
     """Builds the plan with the configured method, applies it and writes the quantized checkpoint."""
     from qvla.policies import load_policy, resolve
 
+    torch.set_flush_denormal(True)
     provenance: dict = {"policy_ref": str(policy_ref), "config": {**cfg.__dict__, "no_prune": list(cfg.no_prune)}}
     if cfg.method == "rtn":
         path = resolve(policy_ref)
@@ -68,7 +69,8 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
         if calib is None:
             raise ValueError(f"method {cfg.method} needs --calib (a directory written by 'qvla calibrate')")
         path, policy, manifest, observations, weights = _load(policy_ref, calib, suite)
-        sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits, cfg.batch_size)
+        sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits, cfg.batch_size,
+                                     cfg.probes)
         provenance.update({"calibration": str(calib), "calibration_episodes": len(manifest["episodes"]),
                            "sensitivity_file": str(file)})
         plan = METHODS[cfg.method](policy, cfg, sens, provenance)
@@ -87,11 +89,12 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
 
 
 def run_sensitivity(policy_ref: str, calib: str | Path, out: str | Path, form: str = "action",
-                    a_bits: int = 16, validate_k: int = 0, suite: str | None = None, seed: int = 0) -> dict:
+                    a_bits: int = 16, validate_k: int = 0, suite: str | None = None, seed: int = 0,
+                    probes: int | None = None) -> dict:
     """`qvla sensitivity`: computes (or reuses) the tables, copies them to `out`, optionally validates."""
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_flush_denormal(True)
     path, policy, manifest, observations, weights = _load(policy_ref, calib, suite)
-    sens, file = sensitivity_for(policy, observations, manifest, calib, form, a_bits)
+    sens, file = sensitivity_for(policy, observations, manifest, calib, form, a_bits, probes=probes)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(file.read_bytes())

@@ -91,11 +91,20 @@ class _Recorder:
             h.remove()
 
 
-def _probe_scalars(out: torch.Tensor, form: str, probes: int, g: torch.Generator):
-    """Scalars whose gradients give the Jacobian rows (continuous) or Fisher probes (logits)."""
+def _probe_scalars(out: torch.Tensor, form: str, probes: int | None, g: torch.Generator):
+    """Scalars whose gradients give the Jacobian rows (continuous) or Fisher probes (logits).
+
+    Continuous outputs: one backward pass per output dimension (exact), or with `probes` < D, Rademacher
+    projections u (E[u u^T] = I, so E[(u^T J dy)^2] = ||J dy||^2 and E||u^T J||^2 = ||J||_F^2: unbiased).
+    """
     if form == "action":
-        for j in range(out.shape[1]):
-            yield out[:, j].sum(), 1.0
+        if probes is None or probes >= out.shape[1]:
+            for j in range(out.shape[1]):
+                yield out[:, j].sum(), 1.0
+            return
+        for _ in range(probes):
+            u = torch.randint(0, 2, out.shape, generator=g).float() * 2 - 1
+            yield (u * out).sum(), 1.0 / probes
         return
     p = out.detach().softmax(-1)
     sp = p.sqrt()
@@ -106,7 +115,7 @@ def _probe_scalars(out: torch.Tensor, form: str, probes: int, g: torch.Generator
 
 
 def compute(policy, observations: list, form: str = "action", a_bits: int = 16, batch_size: int = 16,
-            probes: int = 16, seed: int = 0, progress=None) -> Sensitivity:
+            probes: int | None = None, seed: int = 0, progress=None) -> Sensitivity:
     """Sensitivity of all quantizable channels at all bit widths over the calibration observations."""
     if form not in policy.output_forms():
         raise ValueError(f"form {form!r} not available for {policy.name}; choose from {policy.output_forms()}")
@@ -121,6 +130,8 @@ def compute(policy, observations: list, form: str = "action", a_bits: int = 16, 
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     kl = form == "logits"
+    if kl and probes is None:
+        probes = 16
     try:
         starts = range(0, len(observations), batch_size)
         for s in (progress(starts) if progress else starts):
@@ -157,7 +168,7 @@ def compute(policy, observations: list, form: str = "action", a_bits: int = 16, 
     finally:
         rec.close()
     fan_in = {n: targets[n].weight[0].numel() for n in names}
-    meta = {"form": form, "a_bits": a_bits, "observations": len(observations), "probes": probes if kl else None,
+    meta = {"form": form, "a_bits": a_bits, "observations": len(observations), "probes": probes,
             "seconds": round(time.time() - t0, 2), "bits": list(SENS_BITS), "batch_size": batch_size}
     return Sensitivity(prod, proj, jac, fan_in, {n: roles[n] for n in names}, meta)
 

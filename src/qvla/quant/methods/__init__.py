@@ -19,7 +19,8 @@ class QuantConfig:
     solver: str = "greedy"  # "greedy" or "exact" (MILP)
     pins: dict[str, int] = field(default_factory=dict)  # role or "re:<layer regex>" -> lowest bits allowed
     no_prune: tuple[str, ...] = ()  # roles in which 0 bits is forbidden
-    batch_size: int = 16
+    batch_size: int = 16  # calibration steps per sensitivity batch
+    probes: int | None = None  # backward passes per batch: None = exact (continuous) / 16 (KL)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
