@@ -26,6 +26,18 @@ def role_sensitivity(sens: S.Sensitivity, bits: int = 4) -> dict[str, float]:
     return out
 
 
+def finding(rs: dict[str, float]) -> str:
+    """States plainly whether the published finding holds: vision robust, projector and action head sensitive."""
+    if "vision" not in rs:
+        return "No vision layers were analysed."
+    robust = min(rs, key=rs.get) == "vision"
+    sensitive = [r for r in ("projector", "action_head") if r in rs and rs[r] > rs.get("llm", 0)]
+    return (f"Published finding (vision encoder robust; projector and action head sensitive): vision is "
+            f"{'' if robust else 'not '}the least sensitive role per weight; "
+            f"{', '.join(sensitive) or 'neither projector nor action head'} "
+            f"{'is' if len(sensitive) == 1 else 'are'} more sensitive per weight than the language model.")
+
+
 def write_report(sens_file: str | Path, plan_dirs: list[str | Path], out: str | Path) -> Path:
     import matplotlib
 
@@ -48,6 +60,7 @@ def write_report(sens_file: str | Path, plan_dirs: list[str | Path], out: str | 
     lines += ["## Sensitivity per weight at 4 bits, by role", "", "| role | per-weight sensitivity | vs vision |",
               "|---|---|---|"]
     lines += [f"| {r} | {v:.3e} | {v / rs4.get('vision', np.nan):.1f}x |" for r, v in rs4.items()]
+    lines += ["", finding(rs4), ""]
     layers = list(sens.product)
     col = S.SENS_BITS.index(4)
     per_layer = [float(sens.product[n][:, col].sum()) / (len(sens.product[n]) * sens.fan_in[n]) for n in layers]
