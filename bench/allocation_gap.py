@@ -26,7 +26,7 @@ def main() -> None:
         g = allocate.greedy(problem, b)
         tg = time.time() - t
         t = time.time()
-        e, cert = allocate.exact(problem, b)
+        e, cert = allocate.exact(problem, b, time_limit=60)
         te = time.time() - t
         og, oe, lb = problem.objective(g), problem.objective(e), cert["lower_bound"]
         rows.append({"budget": b, "greedy_objective": og, "exact_objective": oe, "lower_bound": lb,
