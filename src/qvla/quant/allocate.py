@@ -51,8 +51,15 @@ def check_budget(budget: float) -> float:
     return float(budget)
 
 
-def greedy(p: Problem, budget: float) -> np.ndarray:
-    """Channel bits (N,) with average <= budget; raises if the allowed bits cannot reach the budget."""
+def greedy(p: Problem, budget: float, hull: bool = True) -> np.ndarray:
+    """Channel bits (N,) with average <= budget; raises if the allowed bits cannot reach the budget.
+
+    hull=False takes only the next demotion of the chain (16->8->4->2->0). With hull=True a demotion may
+    skip levels: from the current bits it goes to the lower level with the smallest cost per bit saved,
+    i.e. it walks each channel's lower convex hull. Where a channel's costs are not convex in the bits
+    (8->4 costly, 4->2 nearly free) the chain-only greedy overpays; the hull greedy is the classic
+    multiple-choice-knapsack greedy whose result is within one channel of the LP optimum.
+    """
     budget = check_budget(budget)
     if p.min_average() > budget + 1e-12:
         raise ValueError(f"budget {budget} is below the lowest average the pins allow ({p.min_average():.4f})")
@@ -61,13 +68,17 @@ def greedy(p: Problem, budget: float) -> np.ndarray:
     total, limit = float((p.fan_in * 16).sum()), budget * float(p.fan_in.sum())
 
     def next_step(c: int):
-        lo = level[c] + 1
-        while lo < len(CHAIN) and not p.allowed[c, lo]:
-            lo += 1
-        if lo == len(CHAIN):
-            return None
-        saved = (CHAIN[level[c]] - CHAIN[lo]) * p.fan_in[c]
-        return ((p.cost[c, lo] - p.cost[c, level[c]]) / saved, c, lo)
+        best = None
+        for lo in range(level[c] + 1, len(CHAIN)):
+            if not p.allowed[c, lo]:
+                continue
+            saved = (CHAIN[level[c]] - CHAIN[lo]) * p.fan_in[c]
+            rho = (p.cost[c, lo] - p.cost[c, level[c]]) / saved
+            if best is None or rho < best[0]:
+                best = (rho, c, lo)
+            if not hull:
+                break
+        return best
 
     heap = [s for c in range(n) if (s := next_step(c)) is not None]
     heapq.heapify(heap)

@@ -43,7 +43,8 @@ def make_plan(policy, cfg: QuantConfig, sens: Sensitivity, provenance: dict | No
         c = len(sens.product[n])
         bits[n] = torch.from_numpy(flat[row:row + c].astype(np.int8))
         row += c
-    prov = {**(provenance or {}), "sensitivity": sens.meta, "proxy": cfg.proxy, "solver": cfg.solver,
+    prov = {**(provenance or {}), "sensitivity": sens.meta, "proxy": cfg.proxy,
+            "solver": "greedy-hull" if cfg.solver == "greedy" else cfg.solver,
             "objective": problem.objective(flat), "solver_certificate": cert, "pins": cfg.pins,
             "no_prune": list(cfg.no_prune)}
     return Plan(bits, dict(sens.fan_in), dict(sens.roles), cfg.a_bits, float(cfg.w_bits), "qvla",
