@@ -160,3 +160,17 @@ def test_problem_from_uses_the_requested_table():
     proj, _ = problem_from(sens, QuantConfig(), "projected")
     assert np.allclose(proj.cost, prod.cost / 2)
     assert allocate.CHAIN == (16, 8, 4, 2, 0)
+
+
+def test_hull_greedy_is_near_the_lp_bound_where_the_chain_greedy_is_not():
+    """Costs that are not convex in the bits (8->4 dear, 4->2->0 cheap) trap the chain-only greedy."""
+    rng = np.random.default_rng(3)
+    n = 400
+    step = rng.lognormal(0, 1, (n, 4)) * np.array([1.0, 50.0, 5.0, 60.0])
+    cost = np.concatenate([np.zeros((n, 1)), np.cumsum(step, 1)], 1)
+    p = allocate.Problem(cost, rng.integers(8, 64, n).astype(float), np.ones((n, 5), bool))
+    hull, chain = allocate.greedy(p, 3.0), allocate.greedy(p, 3.0, hull=False)
+    _, cert = allocate.exact(p, 3.0, time_limit=30)
+    assert p.average_bits(hull) <= 3.0 + 1e-9
+    assert p.objective(hull) <= cert["lower_bound"] * 1.01
+    assert p.objective(chain) > p.objective(hull)

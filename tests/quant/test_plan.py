@@ -42,7 +42,7 @@ def test_save_load_round_trip(tmp_path, make_toy, sens):
     assert (loaded.fan_in, loaded.roles, loaded.a_bits, loaded.budget, loaded.method, loaded.signature) == \
         (plan.fan_in, plan.roles, plan.a_bits, plan.budget, plan.method, plan.signature)
     assert loaded.average_bits == plan.average_bits <= 3.0
-    assert loaded.provenance["note"] == "x" and loaded.provenance["solver"] == "greedy"
+    assert loaded.provenance["note"] == "x" and loaded.provenance["solver"] == "greedy-hull"
     meta = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert meta["average_bits"] == pytest.approx(plan.average_bits) and set(meta["per_role"]) == set(sens.roles.values())
 
