@@ -9,15 +9,13 @@ episodes/<k>.npz with "<camera>" (T, H, W, 3) uint8 and "proprio" (T, 4) float32
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from qvla.atomic import atomic_directory
 from qvla.checkpoint import WEIGHTS, sha256
 from qvla.envs import Observation, get_suite
 from qvla.evaluate import rollout
@@ -39,30 +37,21 @@ def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: i
     per_task = -(-episodes // len(s.tasks))
     by_task = s.episodes("calib", per_task, seed)
     specs = sorted(by_task, key=lambda e: (e.index, list(s.tasks).index(e.task)))[:episodes]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".calib-", dir=out.parent))
-    tmp.chmod(0o755)
-    (tmp / "episodes").mkdir()
     env = s.make_env(image_size=policy.config.image_size)
     entries = []
     try:
-        for k, spec in enumerate(tqdm(specs, desc="calibrate", unit="ep")):
-            seen: list[Observation] = []
-            rec = rollout(policy, env, spec, observer=lambda _s, _t, o: seen.append(o))
-            cams = {c: np.stack([o.images[c] for o in seen]) for c in seen[0].images}
-            np.savez(tmp / f"episodes/{k:04d}.npz", proprio=np.stack([o.proprio for o in seen]), **cams)
-            entries.append({"file": f"episodes/{k:04d}.npz", "id": spec.id, "task": spec.task,
-                            "instruction": seen[0].instruction, "calls": len(seen), "success": rec["success"]})
-        manifest = {"format": FORMAT, "suite": suite, "seed": seed, "policy": policy.name,
-                    "checkpoint": str(path), "weights_sha256": sha256(path / WEIGHTS), "episodes": entries}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(out, ".calib-") as tmp:
+            (tmp / "episodes").mkdir()
+            for k, spec in enumerate(tqdm(specs, desc="calibrate", unit="ep")):
+                seen: list[Observation] = []
+                rec = rollout(policy, env, spec, observer=lambda _s, _t, o: seen.append(o))
+                cams = {c: np.stack([o.images[c] for o in seen]) for c in seen[0].images}
+                np.savez(tmp / f"episodes/{k:04d}.npz", proprio=np.stack([o.proprio for o in seen]), **cams)
+                entries.append({"file": f"episodes/{k:04d}.npz", "id": spec.id, "task": spec.task,
+                                "instruction": seen[0].instruction, "calls": len(seen), "success": rec["success"]})
+            manifest = {"format": FORMAT, "suite": suite, "seed": seed, "policy": policy.name,
+                        "checkpoint": str(path), "weights_sha256": sha256(path / WEIGHTS), "episodes": entries}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     finally:
         env.close()
     return manifest

@@ -7,12 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from qvla.atomic import atomic_directory
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -34,20 +34,12 @@ def save_checkpoint(out: str | Path, meta: dict, tensors: dict[str, torch.Tensor
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
         raise PermissionError(f"cannot write checkpoint under {out.parent}: directory is not writable")
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_directory(out, ".ckpt-") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / CONFIG).write_text(json.dumps({"format": FORMAT, **meta, "files": files}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -14,15 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from qvla.atomic import atomic_directory
 from qvla.envs import EpisodeSpec, get_suite
 
 FORMAT = "qvla-demos/1"
@@ -73,12 +71,9 @@ def write_demos(suite: str, per_task: int, out: str | Path, seed: int = 0, image
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"demo directory {out} exists and is not empty; choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demos-", dir=out.parent))
-    tmp.chmod(0o755)
-    (tmp / "episodes").mkdir()
     kept, dropped, counts = [], [], {}
-    try:
+    with atomic_directory(out, ".demos-") as tmp:
+        (tmp / "episodes").mkdir()
         ctx = mp.get_context("spawn")  # EGL contexts do not survive fork
         with ctx.Pool(workers, _init_worker, (suite, image_size)) as pool:
             for spec, ep, ok in tqdm(pool.imap(_play, specs), total=len(specs), desc="demos", unit="ep"):
@@ -94,12 +89,6 @@ def write_demos(suite: str, per_task: int, out: str | Path, seed: int = 0, image
                     "cameras": sorted(ep.images), "per_task": per_task, "seed": seed,
                     "attempted": len(specs), "episodes": kept, "dropped": dropped}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("kept %d of %d expert episodes; dropped %d", len(kept), len(specs), len(dropped))
     return manifest
 
