@@ -10,7 +10,7 @@ P=$1; FORM=$2; N=${3:-20}; W=${4:-2}; shift $(( $# < 4 ? $# : 4 ))
 SETTINGS=${*:-w8a8 w4a16 w4a4 w3a16}
 R=results/qvla/$P; mkdir -p "$R"
 Q=.venv/bin/qvla
-[ -f "$R/calib/manifest.json" ] || $Q calibrate --policy "$P" --suite mt10 --episodes 10 --out "$R/calib"
+[ -d "$R/calib/episodes" ] || $Q calibrate --policy "$P" --suite mt10 --episodes 10 --out "$R/calib"
 $Q sensitivity --policy "$P" --calib "$R/calib" --form "$FORM" --validate 200 --suite mt10 --out "$R/sensitivity-$FORM.safetensors"
 for S in $SETTINGS; do
   WB=${S#w}; WB=${WB%a*}; AB=${S#*a}
