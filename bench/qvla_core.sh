@@ -14,6 +14,6 @@ Q=.venv/bin/qvla
 $Q sensitivity --policy "$P" --calib "$R/calib" --form "$FORM" --validate 200 --suite mt10 --out "$R/sensitivity-$FORM.safetensors"
 for S in $SETTINGS; do
   WB=${S#w}; WB=${WB%a*}; AB=${S#*a}
-  $Q quantize --policy "$P" --method qvla --form "$FORM" --w-bits "$WB" --a-bits "$AB" --calib "$R/calib" --out "$R/$S"
+  $Q quantize --policy "$P" --method qvla --proxy product --form "$FORM" --w-bits "$WB" --a-bits "$AB" --calib "$R/calib" --out "$R/$S"
   $Q eval --policy "$R/$S" --suite mt10 --episodes-per-task "$N" --workers "$W" --out "$R/eval-$S.json"
 done

@@ -15,7 +15,7 @@ class QuantConfig:
     w_bits: float = 4.0  # average weight bits per weight over all quantized layers (the budget)
     a_bits: int = 16  # activation bits: 16 (weight-only), 8 or 4
     form: str = "action"  # sensitivity output: "action" (continuous / expected action) or "logits" (KL)
-    proxy: str = "product"  # "product" = ||J||*||dx|| as specified, or "projected" = ||J dx||
+    proxy: str = "projected"  # "projected" = ||J dx|| (ranks like the truth), or "product" = ||J||*||dx||
     solver: str = "greedy"  # "greedy" or "exact" (MILP)
     pins: dict[str, int] = field(default_factory=dict)  # role or "re:<layer regex>" -> lowest bits allowed
     no_prune: tuple[str, ...] = ()  # roles in which 0 bits is forbidden
