@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qvla.quant.plan import Plan, signature
-from qvla.quant.primitives import BITS, dequantize_rows, fake_quant_activation, quantize_rows
+from qvla.quant.primitives import dequantize_rows, fake_quant_activation, quantize_rows
 
 
 def quantize_weight_codes(w: torch.Tensor, bits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -160,5 +160,3 @@ def load_quantized(path: str | Path, meta: dict):
     policy.plan, policy.checkpoint = plan, str(path)
     return policy
 
-
-assert set(BITS) == {0, 2, 4, 8, 16}
