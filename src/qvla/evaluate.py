@@ -56,12 +56,13 @@ def safe_rollout(policy, env, spec: EpisodeSpec, observer: Observer | None = Non
 _worker: dict = {}
 
 
-def _init_worker(policy_ref: str, suite: str, image_size: int) -> None:
+def _init_worker(policy_ref: str, suite: str, image_size: int, policy=None) -> None:
+    """Sets up one worker; `policy` is the already-loaded one when episodes run in this process."""
     from qvla.policies import load_policy
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    _worker["policy"] = load_policy(policy_ref)
+    _worker["policy"] = policy if policy is not None else load_policy(policy_ref)
     _worker["env"] = get_suite(suite).make_env(image_size=image_size)
 
 
@@ -107,10 +108,11 @@ def evaluate(policy_ref: str, suite: str = "mt10", episodes_per_task: int = 20, 
     out = check_writable(out) if out is not None else None
     specs = get_suite(suite).episodes(split, episodes_per_task, seed, tasks)
     ref = str(resolve(policy_ref))
-    name = getattr(load_policy(ref), "name", ref)  # fails here, before any episode, on a bad checkpoint
+    policy = load_policy(ref)  # fails here, before any episode, on a bad checkpoint
+    name = getattr(policy, "name", ref)
     t0 = time.time()
     if workers == 1:
-        _init_worker(ref, suite, image_size)
+        _init_worker(ref, suite, image_size, policy)
         records = [_run(s) for s in tqdm(specs, desc="eval", unit="ep")]
         _worker["env"].close()
     else:
