@@ -4,11 +4,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load_policy(name_or_dir):
-    """A registered policy name (shipped checkpoint) or a checkpoint directory, quantized or not."""
+def load_policy(name_or_dir, kernels: str = "real"):
+    """A registered policy name (shipped checkpoint) or a checkpoint directory, quantized or not.
+
+    Quantized checkpoints run on real integer kernels by default; kernels="simulated" gives the
+    fake-quant reference."""
     from qvla.policies import load_policy as _load
 
-    return _load(name_or_dir)
+    return _load(name_or_dir, kernels)
 
 
 load = load_policy

@@ -28,7 +28,7 @@ def _train(a: argparse.Namespace) -> None:
 def _eval(a: argparse.Namespace) -> None:
     from qvla.evaluate import evaluate, format_table
 
-    s = evaluate(a.policy, a.suite, a.episodes_per_task, a.seed, a.workers, a.out, a.tasks)
+    s = evaluate(a.policy, a.suite, a.episodes_per_task, a.seed, a.workers, a.out, a.tasks, kernels=a.kernels)
     print(format_table({s["policy"]: s}))
     for e in s["errors"]:
         print(f"ERROR in {e['id']}: {e['error']}", file=sys.stderr)
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=1)
     e.add_argument("--tasks", nargs="*", default=None)
     e.add_argument("--out", default=None, help="summary JSON; per-episode records go to the .jsonl beside it")
+    e.add_argument("--kernels", choices=["real", "simulated"], default="real",
+                   help="quantized checkpoints: real integer kernels on packed weights, or the fake-quant path")
     e.set_defaults(func=_eval)
 
     c = sub.add_parser("calibrate", help="roll out the full-precision policy on calibration episodes")

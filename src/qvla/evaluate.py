@@ -56,13 +56,13 @@ def safe_rollout(policy, env, spec: EpisodeSpec, observer: Observer | None = Non
 _worker: dict = {}
 
 
-def _init_worker(policy_ref: str, suite: str, image_size: int, policy=None) -> None:
+def _init_worker(policy_ref: str, suite: str, image_size: int, policy=None, kernels: str = "real") -> None:
     """Sets up one worker; `policy` is the already-loaded one when episodes run in this process."""
     from qvla.policies import load_policy
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    _worker["policy"] = policy if policy is not None else load_policy(policy_ref)
+    _worker["policy"] = policy if policy is not None else load_policy(policy_ref, kernels)
     _worker["env"] = get_suite(suite).make_env(image_size=image_size)
 
 
@@ -99,7 +99,7 @@ def check_writable(out: str | Path) -> Path:
 
 def evaluate(policy_ref: str, suite: str = "mt10", episodes_per_task: int = 20, seed: int = 0,
              workers: int = 1, out: str | Path | None = None, tasks: list[str] | None = None,
-             split: str = "eval", image_size: int = 96) -> dict:
+             split: str = "eval", image_size: int = 96, kernels: str = "real") -> dict:
     """Runs the suite's fixed episode list with the policy (a registered name or checkpoint directory)."""
     from qvla.policies import load_policy, resolve
 
@@ -108,7 +108,7 @@ def evaluate(policy_ref: str, suite: str = "mt10", episodes_per_task: int = 20, 
     out = check_writable(out) if out is not None else None
     specs = get_suite(suite).episodes(split, episodes_per_task, seed, tasks)
     ref = str(resolve(policy_ref))
-    policy = load_policy(ref)  # fails here, before any episode, on a bad checkpoint
+    policy = load_policy(ref, kernels)  # fails here, before any episode, on a bad checkpoint
     name = getattr(policy, "name", ref)
     t0 = time.time()
     if workers == 1:
@@ -116,10 +116,11 @@ def evaluate(policy_ref: str, suite: str = "mt10", episodes_per_task: int = 20, 
         records = [_run(s) for s in tqdm(specs, desc="eval", unit="ep")]
         _worker["env"].close()
     else:
-        with mp.get_context("spawn").Pool(workers, _init_worker, (ref, suite, image_size)) as pool:
+        with mp.get_context("spawn").Pool(workers, _init_worker, (ref, suite, image_size, None, kernels)) as pool:
             records = list(tqdm(pool.imap(_run, specs), total=len(specs), desc="eval", unit="ep"))
     meta = {"policy": name, "checkpoint": ref, "suite": suite, "split": split, "seed": seed,
-            "episodes_per_task": episodes_per_task, "workers": workers, "wall_s": round(time.time() - t0, 1),
+            "episodes_per_task": episodes_per_task, "workers": workers,
+            "kernels": getattr(policy, "kernels", "float"), "wall_s": round(time.time() - t0, 1),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}"}
     summary = summarize(records, meta)
     if out is not None:

@@ -60,3 +60,19 @@ def make_toy():
 @pytest.fixture
 def toy_obs() -> list[torch.Tensor]:
     return toy_observations(24)
+
+
+@pytest.fixture
+def random_observation():
+    """observation(seed): a random micro-VLA observation (images, proprio, an instruction)."""
+    import numpy as np
+
+    from qvla.envs import Observation
+
+    def make(seed: int = 0) -> Observation:
+        rng = np.random.default_rng(seed)
+        images = {c: rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for c in ("third", "wrist")}
+        return Observation(images, rng.uniform(-0.5, 0.5, 4).astype(np.float32),
+                           "move the gripper to the red ball", "reach")
+
+    return make

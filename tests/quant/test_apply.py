@@ -13,7 +13,6 @@ import torch.nn as nn
 
 from qvla.checkpoint import WEIGHTS
 from qvla.cli import main
-from qvla.envs import Observation
 from qvla.quant.apply import QuantConv2d, QuantLinear, layer_shapes, quantize_
 from qvla.quant.methods import METHODS, QuantConfig
 from qvla.quant.pipeline import quantize
@@ -104,26 +103,20 @@ def test_plan_with_a_forged_signature_is_refused(make_toy):
 
 # ---- the quantized checkpoint (real micro-VLA) ----
 
-def observation(seed: int = 0) -> Observation:
-    rng = np.random.default_rng(seed)
-    return Observation({c: rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for c in ("third", "wrist")},
-                       rng.uniform(-0.5, 0.5, 4).astype(np.float32), "move the gripper to the red ball", "reach")
-
-
 @pytest.fixture(scope="module")
 def rtn4(chunk_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "rtn4"
     return quantize(str(chunk_ckpt), QuantConfig(method="rtn", w_bits=4), None, out)
 
 
-def test_quantized_checkpoint_reloads_to_the_same_actions(chunk_ckpt, rtn4):
+def test_quantized_checkpoint_reloads_to_the_same_actions(chunk_ckpt, rtn4, random_observation):
     from qvla.policies import load_policy
 
     fp = load_policy(chunk_ckpt)
-    obs = [observation(s) for s in range(3)]
+    obs = [random_observation(s) for s in range(3)]
     fp_actions = [fp.act(o) for o in obs]
     quantize_(fp, uniform_plan(fp, 4))
-    loaded = load_policy(rtn4)
+    loaded = load_policy(rtn4, kernels="simulated")  # the real-kernel path: test_packed.py
     assert loaded.plan.average_bits == 4.0 and loaded.plan.signature == fp.plan.signature
     for o, ref in zip(obs, fp_actions):
         a = loaded.act(o)

@@ -47,8 +47,12 @@ def resolve(name_or_dir: str | Path) -> Path:
     return path
 
 
-def load_policy(name_or_dir: str | Path) -> Policy:
-    """Loads a trained policy (a registered name or a checkpoint directory), verifying checksums and shapes."""
+def load_policy(name_or_dir: str | Path, kernels: str = "real") -> Policy:
+    """Loads a trained policy (a registered name or a checkpoint directory), verifying checksums and shapes.
+
+    A quantized checkpoint runs on real integer kernels (kernels="real") or on the fake-quant path
+    ("simulated"); a float checkpoint ignores `kernels`.
+    """
     path = resolve(name_or_dir)
     meta = read_meta(path)
     family = meta.get("family")
@@ -57,7 +61,7 @@ def load_policy(name_or_dir: str | Path) -> Policy:
     if meta.get("quantization"):
         from qvla.quant.apply import load_quantized  # a quantized checkpoint rebuilds its layers first
 
-        return load_quantized(path, meta)
+        return load_quantized(path, meta, kernels)
     meta, tensors = load_checkpoint(path)
     cfg = FAMILIES[family].config_from_dict(meta["config"])
     policy = FAMILIES[family].build(cfg, meta.get("policy", str(path)))

@@ -13,8 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qvla.quant.packed import packed_layer
 from qvla.quant.plan import Plan, signature
 from qvla.quant.primitives import dequantize_rows, fake_quant_activation, quantize_rows
+from qvla.quant.storage import dequantize_storage, to_storage, validate_storage
 
 
 def quantize_weight_codes(w: torch.Tensor, bits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -108,11 +110,12 @@ def quantize_(policy, plan: Plan) -> None:
 
 
 def quantized_tensors(policy) -> dict[str, torch.Tensor]:
-    """State to save: quantized layers as codes + scales, everything else as is."""
+    """State to save: quantized layers in packed storage (storage.py), everything else as is."""
     out = {}
     for name, mod in policy.model.named_modules():
         if isinstance(mod, QuantLinear):
-            for k, v in mod.payload.items():
+            p = mod.payload
+            for k, v in to_storage(p["codes"], p["scale"], p["zero"], p["bits"], p["fp_rows"]).items():
                 out[f"{name}.q.{k}"] = v
             if mod.bias is not None:
                 out[f"{name}.bias"] = mod.bias
@@ -123,11 +126,36 @@ def quantized_tensors(policy) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_quantized(path: str | Path, meta: dict):
-    """Rebuilds a quantized policy from its checkpoint (codes + scales), without running any of its code."""
+def _simulated(mod: nn.Module, storage: dict[str, torch.Tensor], bias, a_bits: int) -> nn.Module:
+    """The fake-quant layer (dequantized weights held in fp32) that the packed storage encodes."""
+    shape = mod.weight.shape
+    bits = storage["bits"].long()
+    payload = {"codes": None, "scale": None, "zero": None, "bits": bits.to(torch.int8),
+               "fp_rows": storage["w16"].float() if "w16" in storage else torch.zeros(0)}
+    layer = QuantLinear.__new__(QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear)
+    nn.Module.__init__(layer)
+    layer.a_bits, layer.payload = a_bits, payload
+    layer.register_buffer("weight", dequantize_storage(storage, shape))
+    layer.register_buffer("bias", None if bias is None else bias.detach().clone())
+    if isinstance(mod, nn.Conv2d):
+        layer.conv = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
+    return layer
+
+
+LOADERS: dict[str, Callable] = {"real": packed_layer, "simulated": _simulated}
+
+
+def load_quantized(path: str | Path, meta: dict, kernels: str = "real"):
+    """Rebuilds a quantized policy from its packed checkpoint, without running any of its code.
+
+    kernels="real" runs integer kernels on packed weights (packed.py); "simulated" holds the
+    dequantized weights in fp32 and computes in float, as quantize_ does.
+    """
     from qvla.checkpoint import load_checkpoint, load_state_strict
     from qvla.policies import FAMILIES
 
+    if kernels not in LOADERS:
+        raise ValueError(f"kernels must be one of {sorted(LOADERS)}, got {kernels!r}")
     meta, tensors = load_checkpoint(path)
     plan = Plan.load(path)
     family = FAMILIES[meta["family"]]
@@ -142,21 +170,28 @@ def load_quantized(path: str | Path, meta: dict):
     load_state_strict(model, plain, str(path))
 
     def rebuild(mod: nn.Module, name: str) -> nn.Module:
-        keys = ("codes", "scale", "zero", "bits", "fp_rows")
-        missing = [k for k in keys if f"{name}.q.{k}" not in tensors]
-        if missing:
-            raise ValueError(f"checkpoint {path}: layer {name} lacks quantized tensors {missing}")
-        payload = {k: tensors[f"{name}.q.{k}"] for k in keys}
-        if payload["codes"].shape != mod.weight.shape:
-            raise ValueError(f"checkpoint {path}: {name} codes {tuple(payload['codes'].shape)} vs "
-                             f"model {tuple(mod.weight.shape)}")
-        bias = tensors.get(f"{name}.bias")
-        if isinstance(mod, nn.Conv2d):
-            conv = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
-            return QuantConv2d(payload, mod.weight.shape, bias, plan.a_bits, conv)
-        return QuantLinear(payload, mod.weight.shape, bias, plan.a_bits)
+        prefix = f"{name}.q."
+        storage = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        validate_storage(storage, tuple(mod.weight.shape), f"checkpoint {path}: layer {name}")
+        if not torch.equal(storage["bits"].long(), plan.bits[name].long()):
+            raise ValueError(f"checkpoint {path}: layer {name} bits differ from the plan's")
+        return LOADERS[kernels](mod, storage, tensors.get(f"{name}.bias"), plan.a_bits)
 
     swap_modules(model, lambda m, n: n in plan.bits and type(m) in FACTORIES, rebuild)
-    policy.plan, policy.checkpoint = plan, str(path)
+    policy.plan, policy.checkpoint, policy.kernels = plan, str(path), kernels
     return policy
 
+
+def weight_nbytes(model: nn.Module) -> int:
+    """Bytes of weights the model holds: packed layers count what their kernels hold, the rest as stored."""
+    total, seen = 0, set()
+    for name, mod in model.named_modules():
+        if hasattr(mod, "weight_nbytes"):
+            total += mod.weight_nbytes
+            seen.update(f"{name}.{b}" for b, _ in mod.named_buffers())
+            if getattr(mod, "bias", None) is not None:
+                seen.discard(f"{name}.bias")
+    for k, v in model.state_dict().items():
+        if k not in seen:
+            total += v.numel() * v.element_size()
+    return total

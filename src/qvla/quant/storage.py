@@ -1,0 +1,89 @@
+"""Packed on-disk (and in-memory) form of a mixed-precision layer: pure tensor math.
+
+A layer with N output channels and K inputs per channel (a conv's C*kh*kw) is stored as
+  bits  int8 (N,)                   each channel's bit width (0, 2, 4, 8 or 16)
+  w8    int8 (n8, K)                8-bit codes, symmetric: w = code * s8
+  s8    fp32 (n8,)
+  w4    uint8 (n4, ceil(K/2))       4-bit codes, two per byte:  w = (code - z4) * s4
+  s4, z4 fp32 (n4,), uint8 (n4,)
+  w2    uint8 (n2, ceil(K/4))       2-bit codes, four per byte: w = (code - z2) * s2
+  s2, z2
+  w16   fp16 (n16, K)               channels kept in floating point
+Rows of each bucket appear in channel order. 0-bit channels hold nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+from qvla.quant.packing import pack, unpack
+
+STORED_BITS = (2, 4, 8)
+
+
+def to_storage(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: torch.Tensor,
+               fp_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """From full-shape integer codes (N, ...) + per-channel scale/zero/bits + the 16-bit rows."""
+    flat = codes.reshape(codes.shape[0], -1)
+    out = {"bits": bits.to(torch.int8)}
+    for b in STORED_BITS:
+        rows = bits == b
+        if rows.any():
+            out[f"w{b}"] = pack(flat[rows].to(torch.int16) if b == 8 else flat[rows].to(torch.uint8), b)
+            out[f"s{b}"] = scale[rows].float()
+            if b != 8:
+                out[f"z{b}"] = zero[rows].to(torch.uint8)
+    if (bits == 16).any():
+        out["w16"] = fp_rows.reshape(int((bits == 16).sum()), -1).to(torch.float16)
+    return out
+
+
+def bucket_codes(storage: dict[str, torch.Tensor], bits: int, k: int):
+    """-> (codes (n, k), scale (n,), zero (n,)) for one stored bucket."""
+    codes = unpack(storage[f"w{bits}"], bits, k)
+    zero = storage[f"z{bits}"].float() if bits != 8 else torch.zeros(codes.shape[0])
+    return codes, storage[f"s{bits}"], zero
+
+
+def dequantize_storage(storage: dict[str, torch.Tensor], shape) -> torch.Tensor:
+    """The float weight (shape) the storage encodes; 0-bit channels are zero."""
+    bits = storage["bits"].long()
+    k = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
+    w = torch.zeros(shape[0], k)
+    for b in STORED_BITS:
+        rows = bits == b
+        if rows.any():
+            codes, scale, zero = bucket_codes(storage, b, k)
+            w[rows] = (codes.float() - zero[:, None]) * scale[:, None]
+    if (bits == 16).any():
+        w[bits == 16] = storage["w16"].float()
+    return w.reshape(shape)
+
+
+def storage_nbytes(storage: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in storage.values())
+
+
+def validate_storage(storage: dict[str, torch.Tensor], shape, where: str) -> None:
+    """Refuses storage whose buckets do not match its bits vector or the layer's shape."""
+    if "bits" not in storage:
+        raise ValueError(f"{where}: no 'bits' tensor")
+    bits = storage["bits"].long()
+    if bits.shape != (shape[0],):
+        raise ValueError(f"{where}: bits has shape {tuple(bits.shape)}, layer has {shape[0]} channels")
+    bad = sorted(set(bits.unique().tolist()) - {0, 2, 4, 8, 16})
+    if bad:
+        raise ValueError(f"{where}: bit widths {bad} not in (0, 2, 4, 8, 16)")
+    k = int(torch.tensor(shape[1:]).prod())
+    for b in (*STORED_BITS, 16):
+        n = int((bits == b).sum())
+        key = f"w{b}"
+        if n and key not in storage:
+            raise ValueError(f"{where}: {n} channels at {b} bits but no {key!r} tensor")
+        if key in storage:
+            t = storage[key]
+            width = k if b in (8, 16) else (k * b + 7) // 8
+            if tuple(t.shape) != (n, width):
+                raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, expected {(n, width)}")
+        for aux in ((f"s{b}",) if b == 8 else (f"s{b}", f"z{b}") if b != 16 else ()):
+            if n and (aux not in storage or tuple(storage[aux].shape) != (n,)):
+                raise ValueError(f"{where}: {aux} missing or not of shape {(n,)}")
