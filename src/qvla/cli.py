@@ -34,6 +34,12 @@ def _eval(a: argparse.Namespace) -> None:
         print(f"ERROR in {e['id']}: {e['error']}", file=sys.stderr)
 
 
+def _bench(a: argparse.Namespace) -> None:
+    from qvla.bench import format_bench, run_bench
+
+    print(format_bench(run_bench(a.policy, a.out, a.runs, a.warmup, a.threads)))
+
+
 def _calibrate(a: argparse.Namespace) -> None:
     from qvla.calibrate import collect
 
@@ -69,7 +75,8 @@ def _quantize(a: argparse.Namespace) -> None:
     from qvla.quant.pipeline import quantize
 
     cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, form=a.form, proxy=a.proxy,
-                      solver=a.solver, pins=_pins(a.keep), no_prune=tuple(a.no_prune), probes=a.probes)
+                      solver=a.solver, pins=_pins(a.keep), no_prune=tuple(a.no_prune), probes=a.probes,
+                      count=a.count)
     out = quantize(a.policy, cfg, a.calib, a.out, a.suite)
     q = json.loads((out / "config.json").read_text())["quantization"]
     print(f"{a.method} W{a.w_bits:g}A{a.a_bits}: average {q['average_bits']:.3f} bits per weight -> {out}")
@@ -119,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantized checkpoints: real integer kernels on packed weights, or the fake-quant path")
     e.set_defaults(func=_eval)
 
+    b = sub.add_parser("bench", help="control-step latency and weight memory vs the fp32 and bf16 forms")
+    b.add_argument("--policy", required=True, help="registered name or checkpoint directory")
+    b.add_argument("--out", default=None, help="JSON file for the results")
+    b.add_argument("--runs", type=int, default=50)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--threads", type=int, default=2)
+    b.set_defaults(func=_bench)
+
     c = sub.add_parser("calibrate", help="roll out the full-precision policy on calibration episodes")
     c.add_argument("--policy", required=True)
     c.add_argument("--suite", default="mt10")
@@ -155,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lowest bits allowed for a role or re:REGEX layer pattern, e.g. lm_head=16")
     q.add_argument("--no-prune", nargs="*", default=[], metavar="ROLE", help="roles that may not use 0 bits")
     q.add_argument("--probes", type=int, default=None)
+    q.add_argument("--count", default="stored", choices=["stored", "held"],
+                   help="the budget counts bits as stored on disk, or as the CPU kernels hold them (2 bits as 4)")
     q.add_argument("--out", required=True)
     q.set_defaults(func=_quantize)
 

@@ -27,10 +27,11 @@ class Policy(Protocol):
 
 
 def roles_by_prefix(model: torch.nn.Module, table: list[tuple[str, str]]) -> dict[str, str]:
-    """Tags every Linear/Conv/Embedding with the role of the first matching name prefix; fails on a gap."""
+    """Tags every Linear/Conv/Embedding (or a quantized layer that replaced one) with the role of the first
+    matching name prefix; fails on a gap."""
     roles = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)):
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)) or getattr(mod, "quantized_layer", False):
             role = next((r for prefix, r in table if name.startswith(prefix)), None)
             if role is None:
                 raise ValueError(f"module {name} matches no role prefix in {table}")

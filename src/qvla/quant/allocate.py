@@ -16,15 +16,21 @@ import numpy as np
 from qvla.quant.primitives import BITS
 
 CHAIN = (16, 8, 4, 2, 0)  # column order of every cost table
+HELD = {16: 16, 8: 8, 4: 4, 2: 4, 0: 0}  # bits the CPU kernels hold in memory: 2-bit rows run as int4
 
 
 @dataclass
 class Problem:
-    """Flattened over channels: cost (N, 5) over CHAIN, fan_in (N,), allowed (N, 5) bool."""
+    """Flattened over channels: cost (N, 5) over CHAIN, fan_in (N,), allowed (N, 5) bool.
+
+    widths: the bits each CHAIN level counts against the budget, CHAIN itself for bits as stored, or
+    HELD's values for bits as the kernels hold them in memory (then 2 bits saves nothing over 4).
+    """
 
     cost: np.ndarray
     fan_in: np.ndarray
     allowed: np.ndarray
+    widths: tuple = CHAIN
 
     def __post_init__(self) -> None:
         n = len(self.fan_in)
@@ -34,14 +40,15 @@ class Problem:
             raise ValueError("16 bits must be allowed for every channel (it is the starting point)")
 
     def average_bits(self, bits: np.ndarray) -> float:
-        return float((self.fan_in * bits).sum() / self.fan_in.sum())
+        width = dict(zip(CHAIN, self.widths))
+        return float((self.fan_in * np.vectorize(width.get)(bits)).sum() / self.fan_in.sum())
 
     def objective(self, bits: np.ndarray) -> float:
         cols = np.array([CHAIN.index(int(b)) for b in bits])
         return float(self.cost[np.arange(len(bits)), cols].sum())
 
     def min_average(self) -> float:
-        lowest = np.array([CHAIN[np.nonzero(a)[0].max()] for a in self.allowed])
+        lowest = np.array([min((self.widths[i], CHAIN[i]) for i in np.nonzero(a)[0])[1] for a in self.allowed])
         return self.average_bits(lowest)
 
 
@@ -72,7 +79,9 @@ def greedy(p: Problem, budget: float, hull: bool = True) -> np.ndarray:
         for lo in range(level[c] + 1, len(CHAIN)):
             if not p.allowed[c, lo]:
                 continue
-            saved = (CHAIN[level[c]] - CHAIN[lo]) * p.fan_in[c]
+            saved = (p.widths[level[c]] - p.widths[lo]) * p.fan_in[c]
+            if saved <= 0:
+                continue
             rho = (p.cost[c, lo] - p.cost[c, level[c]]) / saved
             if best is None or rho < best[0]:
                 best = (rho, c, lo)
@@ -84,7 +93,7 @@ def greedy(p: Problem, budget: float, hull: bool = True) -> np.ndarray:
     heapq.heapify(heap)
     while total > limit + 1e-9:
         _, c, lo = heapq.heappop(heap)
-        total -= (CHAIN[level[c]] - CHAIN[lo]) * p.fan_in[c]
+        total -= (p.widths[level[c]] - p.widths[lo]) * p.fan_in[c]
         level[c] = lo
         if (s := next_step(c)) is not None:
             heapq.heappush(heap, s)
@@ -103,7 +112,7 @@ def exact(p: Problem, budget: float, time_limit: float = 120.0) -> tuple[np.ndar
     c = np.where(p.allowed, p.cost, 0.0).ravel()
     rows = np.repeat(np.arange(n), k)
     one_hot = csr_matrix((np.ones(n * k), (rows, np.arange(n * k))), shape=(n, n * k))
-    weights = (p.fan_in[:, None] * np.array(CHAIN)[None]).ravel()[None]
+    weights = (p.fan_in[:, None] * np.array(p.widths)[None]).ravel()[None]
     cons = [LinearConstraint(one_hot, 1, 1),
             LinearConstraint(weights, -np.inf, budget * p.fan_in.sum())]
     ub = p.allowed.ravel().astype(float)

@@ -44,6 +44,8 @@ def dequantize_weight(p: dict[str, torch.Tensor], shape: torch.Size) -> torch.Te
 class QuantLinear(nn.Module):
     """Per-channel mixed-precision weights (held dequantized for compute) and per-token activations."""
 
+    quantized_layer = True  # module_roles() still tags it with its role
+
     def __init__(self, payload: dict[str, torch.Tensor], shape, bias: torch.Tensor | None, a_bits: int) -> None:
         super().__init__()
         self.a_bits, self.payload = a_bits, payload

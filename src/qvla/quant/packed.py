@@ -17,6 +17,8 @@ from qvla.quant.storage import dequantize_storage, storage_nbytes
 
 
 class PackedLinear(nn.Module):
+    quantized_layer = True  # module_roles() still tags it with its role
+
     def __init__(self, storage: dict[str, torch.Tensor], shape, bias: torch.Tensor | None, a_bits: int) -> None:
         super().__init__()
         self.out_features, self.in_features = shape
@@ -48,6 +50,8 @@ class PackedLinear(nn.Module):
 
 
 class PackedConv2d(nn.Module):
+    quantized_layer = True  # module_roles() still tags it with its role
+
     def __init__(self, storage: dict[str, torch.Tensor], shape, bias: torch.Tensor | None, a_bits: int,
                  conv: dict) -> None:
         super().__init__()

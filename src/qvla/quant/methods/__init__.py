@@ -21,6 +21,7 @@ class QuantConfig:
     no_prune: tuple[str, ...] = ()  # roles in which 0 bits is forbidden
     batch_size: int = 16  # calibration steps per sensitivity batch
     probes: int | None = None  # backward passes per batch: None = exact (continuous) / 16 (KL)
+    count: str = "stored"  # the budget counts bits as "stored" on disk, or as "held" by the CPU kernels
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -34,6 +35,9 @@ class QuantConfig:
                 raise ValueError(f"pin {key}={b}: bits must be one of {BITS}")
         if self.proxy not in ("product", "projected") or self.solver not in ("greedy", "exact"):
             raise ValueError(f"proxy must be product|projected and solver greedy|exact, got {self.proxy}, {self.solver}")
+
+        if self.count not in ("stored", "held"):
+            raise ValueError(f"--count must be 'stored' or 'held', got {self.count!r}")
 
     def pinned_bits(self, layer: str, role: str) -> int | None:
         for key, b in self.pins.items():

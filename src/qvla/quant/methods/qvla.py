@@ -27,7 +27,8 @@ def problem_from(sens: Sensitivity, cfg: QuantConfig, table: str) -> tuple[alloc
         if sens.roles[n] in cfg.no_prune:
             allowed[rows, allocate.CHAIN.index(0)] = False
         row += len(tables[n])
-    return allocate.Problem(cost, fan_in, allowed), layers
+    widths = allocate.CHAIN if cfg.count == "stored" else tuple(allocate.HELD[b] for b in allocate.CHAIN)
+    return allocate.Problem(cost, fan_in, allowed, widths), layers
 
 
 def make_plan(policy, cfg: QuantConfig, sens: Sensitivity, provenance: dict | None = None) -> Plan:
@@ -46,6 +47,6 @@ def make_plan(policy, cfg: QuantConfig, sens: Sensitivity, provenance: dict | No
     prov = {**(provenance or {}), "sensitivity": sens.meta, "proxy": cfg.proxy,
             "solver": "greedy-hull" if cfg.solver == "greedy" else cfg.solver,
             "objective": problem.objective(flat), "solver_certificate": cert, "pins": cfg.pins,
-            "no_prune": list(cfg.no_prune)}
+            "no_prune": list(cfg.no_prune), "count": cfg.count}
     return Plan(bits, dict(sens.fan_in), dict(sens.roles), cfg.a_bits, float(cfg.w_bits), "qvla",
                 signature(layer_shapes(policy.model, layers)), prov)

@@ -1,0 +1,250 @@
+"""Scale benchmark: memory and batch-1 control-step latency of an OpenVLA-7B-shaped stack on this machine.
+
+The stack has OpenVLA's shapes with random weights: a Llama-2-7B decoder (hidden 4096, MLP 11008,
+32 heads, 32 layers), the fused DINOv2-L (1024 / 4096, 24 layers) + SigLIP-so400m (1152 / 4304, 27
+layers) vision towers on 256 patches, the fused-GELU MLP projector (2176 -> 8704 -> 4096 -> 4096),
+a 32000-token LM head, and an OFT-style action head (4096 -> 4096 -> 4096 -> 7 on 56 action tokens).
+One layer of each kind is built and timed; the full model is extrapolated by layer counts.
+
+A control step is what OpenVLA runs per action: both towers on 256 patches, the projector, the
+decoder prefill of 256 image + 20 prompt tokens, then 7 single-token decode steps with a KV cache,
+each ending in the LM head. Forms compared: fp32, bf16, uniform W8A8 and W4A16 (RTN), and QVLA plans
+at average budgets 8 and 4 allocated by the global greedy from random per-channel sensitivities
+(lognormal channel importance times the 2^-b error of each width; pruning costs most).
+
+    python bench/scale.py --out results/scale/cpu.json        # ~15 min on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qvla.bench import device_info
+from qvla.quant import allocate
+from qvla.quant.apply import QuantLinear
+from qvla.quant.packed import PackedLinear
+from qvla.quant.storage import to_storage
+
+PREFILL, DECODE_STEPS, PROMPT = 256 + 20, 7, 20
+LAYERS = {"decoder": 32, "dino": 24, "siglip": 27, "projector": 1, "lm_head": 1, "action_head": 1}
+SHAPES = {  # kind -> {linear name: (out, in)}
+    "decoder": {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096),
+                "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)},
+    "dino": {"qkv": (3072, 1024), "proj": (1024, 1024), "fc1": (4096, 1024), "fc2": (1024, 4096)},
+    "siglip": {"qkv": (3456, 1152), "proj": (1152, 1152), "fc1": (4304, 1152), "fc2": (1152, 4304)},
+    "projector": {"fc1": (8704, 2176), "fc2": (4096, 8704), "fc3": (4096, 4096)},
+    "lm_head": {"head": (32000, 4096)},
+    "action_head": {"fc1": (4096, 4096), "fc2": (4096, 4096), "fc3": (7, 4096)},
+}
+HEADS = {"decoder": 32, "dino": 16, "siglip": 16}
+ERR = {16: 0.0, 8: 1.0, 4: 16.0, 2: 64.0, 0: 400.0}  # activation error of each width, relative to 8 bits
+EMBED_PARAMS = 32000 * 4096  # token embedding: kept at 16 bits in every form
+
+
+def make_linears(kind: str, seed: int) -> dict[str, nn.Linear]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (n, k) in SHAPES[kind].items():
+        lin = nn.Linear(k, n, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n, k, generator=g) / math.sqrt(k))
+        out[name] = lin
+    return out
+
+
+def random_plan(budget: float, held: bool = False, seed: int = 0) -> dict[tuple[str, str], torch.Tensor]:
+    """Global greedy over one layer of every kind, each channel weighted by how often its layer repeats."""
+    rng = np.random.default_rng(seed)
+    keys, cost, fan_in = [], [], []
+    for kind, shapes in SHAPES.items():
+        if kind == "lm_head":
+            continue  # the LM head stays at 16 bits, as the embedding (reported on their own)
+        for name, (n, k) in shapes.items():
+            importance = rng.lognormal(0.0, 1.0, n) * LAYERS[kind]
+            cost.append(importance[:, None] * np.array([ERR[b] for b in allocate.CHAIN])[None] * math.sqrt(k))
+            fan_in.append(np.full(n, k * LAYERS[kind]))
+            keys.append(((kind, name), n))
+    cost, fan_in = np.concatenate(cost), np.concatenate(fan_in).astype(float)
+    widths = tuple(allocate.HELD[b] for b in allocate.CHAIN) if held else allocate.CHAIN
+    bits = allocate.greedy(allocate.Problem(cost, fan_in, np.ones_like(cost, dtype=bool), widths), budget)
+    plan, i = {}, 0
+    for key, n in keys:
+        plan[key] = torch.from_numpy(bits[i:i + n].copy()).long()
+        i += n
+    return plan
+
+
+def uniform(bits: int):
+    return lambda kind, name, n: torch.full((n,), bits, dtype=torch.long)
+
+
+def quantized(lin: nn.Linear, bits: torch.Tensor, a_bits: int) -> PackedLinear:
+    p = QuantLinear.from_linear(lin, bits, a_bits).payload
+    return PackedLinear(to_storage(p["codes"], p["scale"], p["zero"], p["bits"], p["fp_rows"]),
+                        lin.weight.shape, None, a_bits)
+
+
+class Block(nn.Module):
+    """One layer of a kind, with its linears swapped for the form under test; attention / MLP glue in fp32
+    (bf16 for the bf16 form)."""
+
+    def __init__(self, kind: str, linears: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.kind, self.lin = kind, nn.ModuleDict(linears)
+
+    def forward(self, x: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+        L = self.lin
+        if self.kind in ("projector", "action_head"):
+            for i, name in enumerate(L):
+                x = L[name](x)
+                x = F.gelu(x) if i < len(L) - 1 else x
+            return x
+        if self.kind == "lm_head":
+            return L["head"](x)
+        heads = HEADS[self.kind]
+        b, t, d = x.shape
+        if self.kind == "decoder":
+            q, k, v = L["q"](x), L["k"](x), L["v"](x)
+        else:
+            q, k, v = L["qkv"](x).split(d, -1)
+        q, k, v = (z.view(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v))
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.kind == "decoder" and t > 1)
+        x = x + (L["o"] if "o" in L else L["proj"])(a.transpose(1, 2).reshape(b, t, d))
+        if self.kind == "decoder":
+            return x + L["down"](F.silu(L["gate"](x)) * L["up"](x))
+        return x + L["fc2"](F.gelu(L["fc1"](x)))
+
+
+FORMS = {  # name -> (bits for (kind, name, n) or a plan budget, activation bits, dtype)
+    "fp32": (None, 16, torch.float32),
+    "bf16": (None, 16, torch.bfloat16),
+    "w8a8": (uniform(8), 8, torch.float32),
+    "w4a16": (uniform(4), 16, torch.float32),
+    "qvla-8": ((8.0, False), 8, torch.float32),
+    "qvla-4": ((4.0, False), 16, torch.float32),  # budget counts bits as stored (2-bit rows held as 4)
+    "qvla-4-held": ((4.0, True), 16, torch.float32),  # budget counts bits as the kernels hold them
+}
+
+
+def build(kind: str, form: str, plans: dict) -> tuple[Block, int]:
+    """-> (block, bytes of weights it holds)."""
+    bits_of, a_bits, dtype = FORMS[form]
+    linears = make_linears(kind, seed=hash(kind) % 1000)
+    if bits_of is None or kind == "lm_head":
+        block = Block(kind, linears).to(dtype if bits_of is None else torch.float32)
+        el = 2 if dtype == torch.bfloat16 or kind == "lm_head" else 4
+        return block, sum(m.weight.numel() for m in linears.values()) * el
+    plan = plans[bits_of] if isinstance(bits_of, tuple) else None
+    swapped = {}
+    for name, lin in linears.items():
+        bits = plan[(kind, name)] if plan is not None else bits_of(kind, name, lin.weight.shape[0])
+        swapped[name] = quantized(lin, bits, a_bits)
+    return Block(kind, swapped), sum(m.weight_nbytes for m in swapped.values())
+
+
+def median_ms(fn, runs: int) -> float:
+    fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+@torch.no_grad()
+def time_kind(kind: str, block: Block, dtype, runs: int) -> dict[str, float]:
+    if kind in ("dino", "siglip"):
+        x = torch.randn(1, 256, block_dim(kind), dtype=dtype)
+        return {"prefill": median_ms(lambda: block(x), runs)}
+    if kind == "projector":
+        x = torch.randn(1, 256, 2176, dtype=dtype)
+        return {"prefill": median_ms(lambda: block(x), runs)}
+    if kind == "action_head":
+        x = torch.randn(1, 56, 4096, dtype=dtype)
+        return {"prefill": median_ms(lambda: block(x), runs)}
+    if kind == "lm_head":
+        x = torch.randn(1, 1, 4096, dtype=torch.float32 if dtype != torch.bfloat16 else dtype)
+        return {"decode": median_ms(lambda: block(x), runs)}
+    x = torch.randn(1, PREFILL, 4096, dtype=dtype)
+    prefill = median_ms(lambda: block(x, []), runs)
+    cache: list = []
+    block(x, cache)
+    one = torch.randn(1, 1, 4096, dtype=dtype)
+
+    def decode():
+        c = list(cache)
+        block(one, c)
+    return {"prefill": prefill, "decode": median_ms(decode, runs * 3)}
+
+
+def block_dim(kind: str) -> int:
+    return SHAPES[kind]["proj"][0]
+
+
+def control_step(t: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Extrapolated per-step latency (ms) of the OpenVLA step from per-layer timings."""
+    vision = LAYERS["dino"] * t["dino"]["prefill"] + LAYERS["siglip"] * t["siglip"]["prefill"]
+    prefill = LAYERS["decoder"] * t["decoder"]["prefill"] + t["projector"]["prefill"]
+    decode = DECODE_STEPS * (LAYERS["decoder"] * t["decoder"]["decode"] + t["lm_head"]["decode"])
+    return {"vision": vision, "prefill": prefill, "decode": decode, "step": vision + prefill + decode,
+            "oft_step": vision + prefill + LAYERS["decoder"] * 56 / PREFILL * t["decoder"]["prefill"]
+            + t["action_head"]["prefill"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--forms", default=",".join(FORMS))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)
+    forms = a.forms.split(",")
+    plans = {FORMS[f][0]: random_plan(*FORMS[f][0]) for f in forms if isinstance(FORMS[f][0], tuple)}
+    result = {"device": device_info(a.threads), "layers": LAYERS, "prefill_tokens": PREFILL,
+              "decode_steps": DECODE_STEPS, "runs": a.runs, "forms": {}}
+    for (b, held), plan in plans.items():
+        allb = torch.cat(list(plan.values()))
+        result[f"plan_{b:g}{'_held' if held else ''}_channels_by_bits"] = {
+            int(k): int((allb == k).sum()) for k in (16, 8, 4, 2, 0)}
+    for form in forms:
+        per_layer, nbytes = {}, {}
+        for kind in SHAPES:
+            block, nbytes[kind] = build(kind, form, plans)
+            per_layer[kind] = time_kind(kind, block, FORMS[form][2], a.runs)
+            del block
+            print(form, kind, {k: round(v, 2) for k, v in per_layer[kind].items()}, file=sys.stderr, flush=True)
+        full = sum(LAYERS[k] * nbytes[k] for k in SHAPES) + EMBED_PARAMS * 2
+        result["forms"][form] = {"per_layer_ms": per_layer, "per_layer_bytes": nbytes, "model_bytes": full,
+                                 "control_step_ms": control_step(per_layer)}
+    ref = result["forms"].get("bf16")
+    for form, r in result["forms"].items():
+        if ref:
+            r["memory_vs_bf16"] = r["model_bytes"] / ref["model_bytes"]
+            r["speedup_vs_bf16"] = {k: ref["control_step_ms"][k] / v for k, v in r["control_step_ms"].items()}
+        if "fp32" in result["forms"]:
+            f32 = result["forms"]["fp32"]["control_step_ms"]
+            r["speedup_vs_fp32"] = {k: f32[k] / v for k, v in r["control_step_ms"].items()}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
