@@ -19,18 +19,57 @@ from qvla.quant.primitives import dequantize_rows, fake_quant_activation, quanti
 from qvla.quant.storage import dequantize_storage, to_storage, validate_storage
 
 
-def quantize_weight_codes(w: torch.Tensor, bits: torch.Tensor) -> dict[str, torch.Tensor]:
+TRANSFORM_KEYS = ("in_scale", "in_shift", "clip", "clip_lo", "weight", "grid_scale", "grid_zero")
+
+
+def transformed(w: torch.Tensor, bias: torch.Tensor | None, t: dict[str, torch.Tensor] | None):
+    """A baseline's equivalent transform of one layer -> (weight to quantize, bias, input transform).
+
+    in_scale s and in_shift d (K,) rewrite y = W x + b as y = (W diag(s)) ((x - d) / s) + (b + W d):
+    the same output in floating point, with the difficulty moved between weights and activations
+    (SmoothQuant, AWQ, OmniQuant's LET). "weight" replaces the transformed weight (GPTQ's updates).
+    """
+    t = t or {}
+    bad = sorted(set(t) - set(TRANSFORM_KEYS))
+    if bad:
+        raise ValueError(f"unknown transform keys {bad}; allowed: {TRANSFORM_KEYS}")
+    inp = {k: t[k].float() for k in ("in_scale", "in_shift") if k in t}
+    if inp and w.dim() != 2:
+        raise ValueError("input scale/shift transforms apply to Linear layers only")
+    if "in_shift" in inp:
+        shift = w.float() @ inp["in_shift"]
+        bias = shift if bias is None else bias.float() + shift
+    if "in_scale" in inp:
+        w = w * inp["in_scale"][None]
+    if "weight" in t:
+        w = t["weight"].float()
+    return w, bias, inp
+
+
+def quantize_weight_codes(w: torch.Tensor, bits: torch.Tensor, t: dict[str, torch.Tensor] | None = None
+                          ) -> dict[str, torch.Tensor]:
     """Integer codes + per-channel scale/zero for rows at 2/4/8 bits; rows at 16 keep their float values."""
+    t = t or {}
     codes = torch.zeros(w.shape, dtype=torch.int8)  # 8-bit codes are symmetric (-127..127), 2/4-bit 0..15
     scale, zero = torch.zeros(w.shape[0]), torch.zeros(w.shape[0])
     for b in (2, 4, 8):
         rows = bits == b
         if rows.any():
-            q, s, z = quantize_rows(w[rows], b)
+            clip = t["clip"][rows] if "clip" in t else None
+            grid = (t["grid_scale"][rows], t["grid_zero"][rows]) if "grid_scale" in t else None
+            q, s, z = quantize_rows(w[rows], b, clip, grid, t["clip_lo"][rows] if "clip_lo" in t else None)
             codes[rows] = q.to(torch.int8)
             scale[rows], zero[rows] = s, z
     return {"codes": codes, "scale": scale, "zero": zero, "bits": bits.to(torch.int8),
             "fp_rows": w[bits == 16].clone()}
+
+
+def input_transform(x: torch.Tensor, inp: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "in_shift" in inp:
+        x = x - inp["in_shift"]
+    if "in_scale" in inp:
+        x = x / inp["in_scale"]
+    return x
 
 
 def dequantize_weight(p: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
@@ -46,18 +85,21 @@ class QuantLinear(nn.Module):
 
     quantized_layer = True  # module_roles() still tags it with its role
 
-    def __init__(self, payload: dict[str, torch.Tensor], shape, bias: torch.Tensor | None, a_bits: int) -> None:
+    def __init__(self, payload: dict[str, torch.Tensor], shape, bias: torch.Tensor | None, a_bits: int,
+                 inp: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
-        self.a_bits, self.payload = a_bits, payload
+        self.a_bits, self.payload, self.inp = a_bits, payload, dict(inp or {})
         self.register_buffer("weight", dequantize_weight(payload, shape))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_linear(cls, mod: nn.Linear, bits: torch.Tensor, a_bits: int) -> "QuantLinear":
-        return cls(quantize_weight_codes(mod.weight.detach(), bits), mod.weight.shape, mod.bias, a_bits)
+    def from_linear(cls, mod: nn.Linear, bits: torch.Tensor, a_bits: int,
+                    t: dict[str, torch.Tensor] | None = None) -> "QuantLinear":
+        w, bias, inp = transformed(mod.weight.detach(), mod.bias, t)
+        return cls(quantize_weight_codes(w, bits, t), mod.weight.shape, bias, a_bits, inp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fake_quant_activation(x, self.a_bits), self.weight, self.bias)
+        return F.linear(fake_quant_activation(input_transform(x, self.inp), self.a_bits), self.weight, self.bias)
 
 
 class QuantConv2d(QuantLinear):
@@ -66,9 +108,11 @@ class QuantConv2d(QuantLinear):
         self.conv = conv  # stride / padding / dilation / groups
 
     @classmethod
-    def from_conv(cls, mod: nn.Conv2d, bits: torch.Tensor, a_bits: int) -> "QuantConv2d":
+    def from_conv(cls, mod: nn.Conv2d, bits: torch.Tensor, a_bits: int,
+                  t: dict[str, torch.Tensor] | None = None) -> "QuantConv2d":
         conv = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
-        return cls(quantize_weight_codes(mod.weight.detach(), bits), mod.weight.shape, mod.bias, a_bits, conv)
+        w, bias, _ = transformed(mod.weight.detach(), mod.bias, t)
+        return cls(quantize_weight_codes(w, bits, t), mod.weight.shape, bias, a_bits, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits < 16:
@@ -107,7 +151,7 @@ def quantize_(policy, plan: Plan) -> None:
         if mods[n].weight.shape[0] != len(b):
             raise ValueError(f"plan has {len(b)} channels for {n}, model has {mods[n].weight.shape[0]}")
     swap_modules(model, lambda m, n: n in plan.bits and type(m) in FACTORIES,
-                 lambda m, n: FACTORIES[type(m)](m, plan.bits[n].long(), plan.a_bits))
+                 lambda m, n: FACTORIES[type(m)](m, plan.bits[n].long(), plan.a_bits, plan.transforms.get(n)))
     policy.plan = plan
 
 
@@ -117,7 +161,8 @@ def quantized_tensors(policy) -> dict[str, torch.Tensor]:
     for name, mod in policy.model.named_modules():
         if isinstance(mod, QuantLinear):
             p = mod.payload
-            for k, v in to_storage(p["codes"], p["scale"], p["zero"], p["bits"], p["fp_rows"]).items():
+            for k, v in {**to_storage(p["codes"], p["scale"], p["zero"], p["bits"], p["fp_rows"]),
+                         **mod.inp}.items():
                 out[f"{name}.q.{k}"] = v
             if mod.bias is not None:
                 out[f"{name}.bias"] = mod.bias
@@ -137,6 +182,7 @@ def _simulated(mod: nn.Module, storage: dict[str, torch.Tensor], bias, a_bits: i
     layer = QuantLinear.__new__(QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear)
     nn.Module.__init__(layer)
     layer.a_bits, layer.payload = a_bits, payload
+    layer.inp = {k: storage[k] for k in ("in_scale", "in_shift") if k in storage}
     layer.register_buffer("weight", dequantize_storage(storage, shape))
     layer.register_buffer("bias", None if bias is None else bias.detach().clone())
     if isinstance(mod, nn.Conv2d):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from qvla.quant.kernels import build_kernel
 from qvla.quant.primitives import fake_quant_activation
-from qvla.quant.storage import dequantize_storage, storage_nbytes
+from qvla.quant.storage import dequantize_storage, input_transform_of, storage_nbytes
 
 
 class PackedLinear(nn.Module):
@@ -24,6 +24,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = shape
         self.a_bits = a_bits
         bits = storage["bits"].long()
+        self.inp = input_transform_of(storage)
         self.buckets = [(torch.nonzero(bits == b).flatten(), build_kernel(b, storage, self.in_features, a_bits))
                         for b in (8, 4, 2, 16) if (bits == b).any()]
         # one bucket holding every channel in order needs no scatter
@@ -33,11 +34,14 @@ class PackedLinear(nn.Module):
 
     @property
     def weight_nbytes(self) -> int:
-        return sum(k.nbytes for _, k in self.buckets) + self.bits.numel()
+        return sum(k.nbytes for _, k in self.buckets) + self.bits.numel() + sum(4 * v.numel() for v in self.inp.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = fake_quant_activation(x.reshape(-1, self.in_features).float(), self.a_bits)
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.inp:
+            x2 = (x2 - self.inp.get("in_shift", 0.0)) / self.inp.get("in_scale", 1.0)
+        x2 = fake_quant_activation(x2, self.a_bits)
         if self.direct:
             y = self.buckets[0][1](x2)
         else:

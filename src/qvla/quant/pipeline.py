@@ -18,7 +18,7 @@ from qvla.calibrate import load_calibration
 from qvla.checkpoint import WEIGHTS, read_meta, save_checkpoint, sha256
 from qvla.quant import sensitivity as S
 from qvla.quant.apply import quantize_, quantized_tensors
-from qvla.quant.methods import METHODS, QuantConfig
+from qvla.quant.methods import METHODS, NEEDS, QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +60,30 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
 
     torch.set_flush_denormal(True)
     provenance: dict = {"policy_ref": str(policy_ref), "config": {**cfg.__dict__, "no_prune": list(cfg.no_prune)}}
-    if cfg.method == "rtn":
+    needs = NEEDS[cfg.method]
+    if needs is None:
         path = resolve(policy_ref)
         policy = load_policy(path)
-        plan = METHODS["rtn"](policy, cfg, None, provenance)
+        plan = METHODS[cfg.method](policy, cfg, None, provenance)
         weights = sha256(Path(path) / WEIGHTS)
     else:
         if calib is None:
             raise ValueError(f"method {cfg.method} needs --calib (a directory written by 'qvla calibrate')")
         path, policy, manifest, observations, weights = _load(policy_ref, calib, suite)
-        sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits, cfg.batch_size,
-                                     cfg.probes)
-        provenance.update({"calibration": str(calib), "calibration_episodes": len(manifest["episodes"]),
-                           "sensitivity_file": str(file)})
-        plan = METHODS[cfg.method](policy, cfg, sens, provenance)
+        provenance.update({"calibration": str(calib), "calibration_episodes": len(manifest["episodes"])})
+        if needs == "sensitivity":
+            sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits,
+                                         cfg.batch_size, cfg.probes)
+            provenance["sensitivity_file"] = str(file)
+            plan = METHODS[cfg.method](policy, cfg, sens, provenance)
+        else:  # the baselines calibrate on the same observations, layer by layer
+            plan = METHODS[cfg.method](policy, cfg, observations, provenance)
     plan.provenance["weights_sha256"] = weights
     quantize_(policy, plan)
     meta = read_meta(path)
     with tempfile.TemporaryDirectory() as tmp:
         plan.save(tmp)
-        extra = {f: (Path(tmp) / f).read_bytes() for f in ("plan.json", "plan.safetensors")}
+        extra = {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir())}
     quant = {"method": plan.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
              "average_bits": plan.average_bits, "source": str(path), "source_weights_sha256": weights}
     save_checkpoint(out, {"family": meta["family"], "policy": f"{meta.get('policy', path)}+{plan.method}"

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from qvla.quant.primitives import BITS
 
 FORMAT = "qvla-plan/1"
+TRANSFORMS = "plan-transforms.safetensors"  # only for methods that transform weights (baselines)
 A_BITS = (4, 8, 16)
 
 
@@ -35,6 +36,7 @@ class Plan:
     method: str
     signature: str
     provenance: dict = field(default_factory=dict)
+    transforms: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # baselines: layer -> tensors
 
     def __post_init__(self) -> None:
         if self.a_bits not in A_BITS:
@@ -69,6 +71,9 @@ class Plan:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         save_file({n: b.to(torch.int8).contiguous() for n, b in self.bits.items()}, out / "plan.safetensors")
+        if self.transforms:
+            save_file({f"{n}::{k}": v.float().contiguous() for n, t in self.transforms.items() for k, v in t.items()},
+                      out / TRANSFORMS)
         meta = {"format": FORMAT, "method": self.method, "budget": self.budget, "a_bits": self.a_bits,
                 "average_bits": self.average_bits, "signature": self.signature, "fan_in": self.fan_in,
                 "roles": self.roles, "per_role": self.summary(), "provenance": self.provenance}
@@ -85,5 +90,10 @@ class Plan:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}/plan.json: format {meta.get('format')!r}, expected {FORMAT!r}")
         bits = {n: t.to(torch.int8) for n, t in load_file(path / "plan.safetensors").items()}
+        transforms: dict[str, dict[str, torch.Tensor]] = {}
+        if (path / TRANSFORMS).is_file():
+            for key, v in load_file(path / TRANSFORMS).items():
+                n, k = key.split("::", 1)
+                transforms.setdefault(n, {})[k] = v
         return cls(bits, meta["fan_in"], meta["roles"], meta["a_bits"], meta["budget"], meta["method"],
-                   meta["signature"], meta["provenance"])
+                   meta["signature"], meta["provenance"], transforms)

@@ -19,23 +19,35 @@ def check_bits(bits: int) -> int:
     return int(bits)
 
 
-def quant_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Per-row (dim 0) scale and zero point for `bits` -> (scale, zero, qmin, qmax); w is (C, ...)."""
+def quant_params(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None,
+                 clip_lo: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Per-row (dim 0) scale and zero point for `bits` -> (scale, zero, qmin, qmax); w is (C, ...).
+
+    clip (C,) in (0, 1] shrinks each row's range before the grid is laid (AWQ / OmniQuant clipping);
+    clip_lo, if given, shrinks the low end separately (OmniQuant's two clipping factors)."""
     flat = w.reshape(w.shape[0], -1).float()
+    c = torch.ones(flat.shape[0]) if clip is None else clip.float()
+    c_lo = c if clip_lo is None else clip_lo.float()
     if bits == 8:
         qmax = 127
-        scale = flat.abs().amax(1).clamp_min(1e-12) / qmax
+        scale = (flat.abs().amax(1) * c).clamp_min(1e-12) / qmax
         return scale, torch.zeros_like(scale), -qmax, qmax
-    lo, hi = flat.amin(1).clamp(max=0), flat.amax(1).clamp(min=0)
+    lo, hi = flat.amin(1).clamp(max=0) * c_lo, flat.amax(1).clamp(min=0) * c
     qmax = 2**bits - 1
     scale = ((hi - lo) / qmax).clamp_min(1e-12)
     zero = torch.round(-lo / scale)
     return scale, zero, 0, qmax
 
 
-def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer codes (uint8/int8 range, stored as int16) plus scale and zero point, per row."""
-    scale, zero, qmin, qmax = quant_params(w, bits)
+def quantize_rows(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None,
+                  grid: tuple[torch.Tensor, torch.Tensor] | None = None, clip_lo: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes (uint8/int8 range, stored as int16) plus scale and zero point, per row.
+
+    grid = (scale, zero) imposes a given grid (GPTQ lays it before its updates move the weights)."""
+    scale, zero, qmin, qmax = quant_params(w, bits, clip, clip_lo)
+    if grid is not None:
+        scale, zero = grid[0].float(), grid[1].float()
     shape = (-1,) + (1,) * (w.dim() - 1)
     q = torch.clamp(torch.round(w.float() / scale.view(shape)) + zero.view(shape), qmin, qmax)
     return q.to(torch.int16), scale, zero

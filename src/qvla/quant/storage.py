@@ -9,6 +9,7 @@ A layer with N output channels and K inputs per channel (a conv's C*kh*kw) is st
   w2    uint8 (n2, ceil(K/4))       2-bit codes, four per byte: w = (code - z2) * s2
   s2, z2
   w16   fp16 (n16, K)               channels kept in floating point
+  in_scale, in_shift fp32 (K,)      optional input transform x -> (x - in_shift) / in_scale (baselines)
 Rows of each bucket appear in channel order. 0-bit channels hold nothing.
 """
 from __future__ import annotations
@@ -63,6 +64,10 @@ def storage_nbytes(storage: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in storage.values())
 
 
+def input_transform_of(storage: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: storage[k].float() for k in ("in_scale", "in_shift") if k in storage}
+
+
 def validate_storage(storage: dict[str, torch.Tensor], shape, where: str) -> None:
     """Refuses storage whose buckets do not match its bits vector or the layer's shape."""
     if "bits" not in storage:
@@ -70,6 +75,10 @@ def validate_storage(storage: dict[str, torch.Tensor], shape, where: str) -> Non
     bits = storage["bits"].long()
     if bits.shape != (shape[0],):
         raise ValueError(f"{where}: bits has shape {tuple(bits.shape)}, layer has {shape[0]} channels")
+    k = int(torch.tensor(shape[1:]).prod())
+    for key in ("in_scale", "in_shift"):
+        if key in storage and tuple(storage[key].shape) != (k,):
+            raise ValueError(f"{where}: {key} has shape {tuple(storage[key].shape)}, expected ({k},)")
     bad = sorted(set(bits.unique().tolist()) - {0, 2, 4, 8, 16})
     if bad:
         raise ValueError(f"{where}: bit widths {bad} not in (0, 2, 4, 8, 16)")

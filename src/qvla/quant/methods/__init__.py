@@ -21,6 +21,7 @@ class QuantConfig:
     no_prune: tuple[str, ...] = ()  # roles in which 0 bits is forbidden
     batch_size: int = 16  # calibration steps per sensitivity batch
     probes: int | None = None  # backward passes per batch: None = exact (continuous) / 16 (KL)
+    alpha: float = 0.5  # SmoothQuant's migration strength
     count: str = "stored"  # the budget counts bits as "stored" on disk, or as "held" by the CPU kernels
 
     def __post_init__(self) -> None:
@@ -46,14 +47,15 @@ class QuantConfig:
         return None
 
 
-def _qvla(*a, **k):
-    from qvla.quant.methods.qvla import make_plan
-    return make_plan(*a, **k)
+def _method(module: str) -> Callable:
+    def make_plan(*a, **k):
+        import importlib
+
+        return importlib.import_module(f"qvla.quant.methods.{module}").make_plan(*a, **k)
+    return make_plan
 
 
-def _rtn(*a, **k):
-    from qvla.quant.methods.rtn import make_plan
-    return make_plan(*a, **k)
-
-
-METHODS: dict[str, Callable] = {"qvla": _qvla, "rtn": _rtn}
+# name -> plan maker; NEEDS says what it calibrates on: nothing, per-layer inputs, or sensitivities
+METHODS: dict[str, Callable] = {m: _method(m) for m in ("qvla", "rtn", "smoothquant", "awq", "gptq", "omniquant")}
+NEEDS: dict[str, str | None] = {"qvla": "sensitivity", "rtn": None, "smoothquant": "observations",
+                                "awq": "observations", "gptq": "observations", "omniquant": "observations"}

@@ -1,4 +1,6 @@
-"""RTN: every channel of every quantized layer rounded to the same bits (the uniform baseline)."""
+"""RTN: every channel of every quantized layer rounded to the same bits (the uniform baseline).
+
+uniform_plan() is shared by the baselines: same bits everywhere, plus the method's transforms."""
 from __future__ import annotations
 
 import torch
@@ -9,15 +11,26 @@ from qvla.quant.plan import Plan, signature
 from qvla.quant.sensitivity import quantizable
 
 
-def make_plan(policy, cfg: QuantConfig, observations=None, provenance: dict | None = None) -> Plan:
+def uniform_bits(policy, cfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """layer -> (C,) bits: cfg.w_bits everywhere, raised to a pinned floor where one applies."""
     if cfg.w_bits not in (2, 4, 8, 16):
-        raise ValueError(f"rtn needs integer --w-bits in (2, 4, 8, 16), got {cfg.w_bits}")
+        raise ValueError(f"{cfg.method} needs integer --w-bits in (2, 4, 8, 16), got {cfg.w_bits}")
     roles = policy.module_roles()
-    layers = quantizable(policy.model, roles)
     bits = {}
-    for n, m in layers.items():
+    for n, m in quantizable(policy.model, roles).items():
         floor = cfg.pinned_bits(n, roles[n]) or 0
         bits[n] = torch.full((m.weight.shape[0],), max(floor, int(cfg.w_bits)), dtype=torch.int8)
-    return Plan(bits, {n: m.weight[0].numel() for n, m in layers.items()}, {n: roles[n] for n in layers},
-                cfg.a_bits, float(cfg.w_bits), "rtn", signature(layer_shapes(policy.model, layers)),
-                provenance or {})
+    return bits
+
+
+def uniform_plan(policy, cfg: QuantConfig, transforms: dict | None = None, provenance: dict | None = None) -> Plan:
+    bits = uniform_bits(policy, cfg)
+    roles = policy.module_roles()
+    mods = dict(policy.model.named_modules())
+    return Plan(bits, {n: mods[n].weight[0].numel() for n in bits}, {n: roles[n] for n in bits},
+                cfg.a_bits, float(cfg.w_bits), cfg.method, signature(layer_shapes(policy.model, bits)),
+                provenance or {}, transforms or {})
+
+
+def make_plan(policy, cfg: QuantConfig, observations=None, provenance: dict | None = None) -> Plan:
+    return uniform_plan(policy, cfg, None, provenance)

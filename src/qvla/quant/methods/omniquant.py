@@ -1,0 +1,82 @@
+"""OmniQuant (Shao et al., 2024): learnable weight clipping (LWC) and a learnable equivalent
+transformation (LET), trained by gradient descent on each layer's calibration inputs.
+
+LWC: per output channel, the grid spans [sigmoid(b) * min(w), sigmoid(g) * max(w)] (g, b start at 4,
+i.e. ~no clipping). LET: per input channel, a scale s and shift d with y = (W diag(s)) ((x - d) / s) +
+(b + W d) (s starts at SmoothQuant's alpha = 0.5 scales, d at the middle of each channel's range). The
+loss is the squared error of the quantized layer's output (weights and, for WxAy, activations rounded
+with a straight-through estimator) against the float output; AdamW, `steps` steps on minibatches.
+The paper trains per transformer block; we train per Linear layer (the micro-VLAs' blocks mix roles).
+Convs are rounded as in RTN.
+"""
+from __future__ import annotations
+
+import torch
+
+from qvla.quant.layer_inputs import collect_inputs
+from qvla.quant.methods import QuantConfig
+from qvla.quant.methods.rtn import uniform_bits, uniform_plan
+from qvla.quant.methods.smoothquant import smooth_scales
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def lwc_qdq(w: torch.Tensor, bits: int, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Differentiable per-row quantize-dequantize with learnable clipping of max (gamma) and min (beta)."""
+    if bits == 8:
+        qmax = 127
+        scale = (w.abs().amax(1) * gamma).clamp_min(1e-8) / qmax
+        return torch.clamp(ste_round(w / scale[:, None]), -qmax, qmax) * scale[:, None]
+    hi, lo = w.amax(1).clamp(min=0) * gamma, w.amin(1).clamp(max=0) * beta
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    zero = ste_round(-lo / scale)
+    return (torch.clamp(ste_round(w / scale[:, None]) + zero[:, None], 0, qmax) - zero[:, None]) * scale[:, None]
+
+
+def ste_act(x: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits >= 16:
+        return x
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
+    return torch.clamp(ste_round(x / scale), -qmax, qmax) * scale
+
+
+def train_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bits: int, a_bits: int,
+                steps: int = 100, lr: float = 5e-3, batch: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
+    """-> transform {in_scale, in_shift, clip, clip_lo} for one Linear layer."""
+    g = torch.Generator().manual_seed(seed)
+    w = w.detach().float()
+    b = torch.zeros(w.shape[0]) if bias is None else bias.detach().float()
+    log_s = smooth_scales(x.abs().amax(0), w, 0.5).log().requires_grad_()
+    shift = ((x.amax(0) + x.amin(0)) / 2).clone().requires_grad_()
+    g_hi, g_lo = torch.full((w.shape[0],), 4.0, requires_grad=True), torch.full((w.shape[0],), 4.0, requires_grad=True)
+    opt = torch.optim.AdamW([{"params": [log_s, shift], "lr": lr}, {"params": [g_hi, g_lo], "lr": 2 * lr}],
+                            weight_decay=0.0)
+    for _ in range(steps):
+        xb = x[torch.randint(0, len(x), (min(batch, len(x)),), generator=g)]
+        s = log_s.exp()
+        wq = lwc_qdq(w * s, bits, torch.sigmoid(g_hi), torch.sigmoid(g_lo))
+        out = ste_act((xb - shift) / s, a_bits) @ wq.t() + b + w @ shift
+        loss = (out - (xb @ w.t() + b)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return {"in_scale": log_s.exp().detach(), "in_shift": shift.detach(),
+                "clip": torch.sigmoid(g_hi).detach(), "clip_lo": torch.sigmoid(g_lo).detach()}
+
+
+def make_plan(policy, cfg: QuantConfig, observations, provenance: dict | None = None):
+    bits = uniform_bits(policy, cfg)
+    inputs = collect_inputs(policy, observations, list(bits), max_rows=4096)
+    mods = dict(policy.model.named_modules())
+    transforms = {}
+    for n, x in inputs.items():
+        b = int(bits[n][0])
+        if b < 16:
+            transforms[n] = train_layer(x, mods[n].weight, mods[n].bias, b, cfg.a_bits)
+    return uniform_plan(policy, cfg, transforms, {**(provenance or {}), "steps": 100,
+                                                   "coverage": "Linear layers trained; convs RTN"})

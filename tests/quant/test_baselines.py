@@ -1,0 +1,148 @@
+"""Each baseline's defining property on a small layer, and every registered baseline end to end on the toy
+policy (plan with transforms -> quantize_ -> outputs close to full precision) and through a checkpoint."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qvla.quant.apply import QuantLinear, quantize_
+from qvla.quant.methods import METHODS, NEEDS, QuantConfig
+from qvla.quant.methods.awq import output_error, search_clip, search_scale
+from qvla.quant.methods.gptq import gptq_quantize
+from qvla.quant.methods.omniquant import train_layer
+from qvla.quant.methods.smoothquant import smooth_scales
+from qvla.quant.primitives import fake_quant_activation, fake_quant_rows
+from qvla.quant.storage import to_storage
+
+
+def layer_and_inputs(n: int = 24, k: int = 32, rows: int = 512, seed: int = 0):
+    """A Linear layer and correlated inputs with a few outlier channels, as transformer activations have."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) / math.sqrt(k))
+        lin.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    mix = torch.randn(k, k, generator=g) / math.sqrt(k) + torch.eye(k)
+    x = torch.randn(rows, k, generator=g) @ mix
+    x[:, :3] *= 20.0  # outlier channels
+    return lin, x
+
+
+def out_err(lin: nn.Linear, q: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((q(x) - lin(x)).pow(2).sum())
+
+
+def test_smoothquant_leaves_the_float_output_unchanged():
+    lin, x = layer_and_inputs()
+    s = smooth_scales(x.abs().amax(0), lin.weight.detach(), 0.5)
+    smoothed = QuantLinear.from_linear(lin, torch.full((24,), 16), 16, {"in_scale": s})
+    assert out_err(lin, smoothed, x) / float(lin(x).pow(2).sum()) < 1e-10
+    assert not torch.allclose(s, torch.ones_like(s))  # and it did move something
+
+
+def test_smoothquant_flattens_activations_and_helps_w8a8():
+    lin, x = layer_and_inputs()
+    s = smooth_scales(x.abs().amax(0), lin.weight.detach(), 0.5)
+    spread = lambda t: float(t.abs().amax(0).max() / t.abs().amax(0).median())  # noqa: E731
+    assert spread(x / s) < spread(x)
+    rtn = QuantLinear.from_linear(lin, torch.full((24,), 8), 8)
+    sq = QuantLinear.from_linear(lin, torch.full((24,), 8), 8, {"in_scale": s})
+    assert out_err(lin, sq, x) < out_err(lin, rtn, x)
+
+
+def test_omniquant_equivalent_transform_is_exact_in_float():
+    lin, x = layer_and_inputs()
+    t = {"in_scale": torch.rand(32) + 0.5, "in_shift": torch.randn(32)}
+    moved = QuantLinear.from_linear(lin, torch.full((24,), 16), 16, t)
+    assert out_err(lin, moved, x) / float(lin(x).pow(2).sum()) < 1e-10
+
+
+@pytest.mark.parametrize("bits, a_bits", [(4, 16), (4, 4), (2, 16)])
+def test_awq_scale_search_never_does_worse_than_alpha_zero(bits, a_bits):
+    lin, x = layer_and_inputs()
+    w = lin.weight.detach()
+    s, alpha = search_scale(x, w, bits, a_bits)
+    assert 0.0 <= alpha <= 1.0
+    assert output_error(x, w, bits, a_bits, s).sum() <= output_error(x, w, bits, a_bits, torch.ones(32)).sum()
+
+
+def test_awq_clip_search_never_does_worse_than_no_clipping():
+    lin, x = layer_and_inputs()
+    w = lin.weight.detach()
+    s, _ = search_scale(x, w, 4)
+    clip = search_clip(x, w, 4, 16, s)
+    assert ((clip > 0.49) & (clip <= 1.0)).all()
+    assert (output_error(x, w, 4, 16, s, clip) <= output_error(x, w, 4, 16, s) + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_gptq_error_is_no_larger_than_rtn(bits):
+    lin, x = layer_and_inputs(rows=1024)
+    w = lin.weight.detach()
+    q, scale, zero = gptq_quantize(w, 2 * x.t().double() @ x.double() / len(x), bits)
+    err = lambda wq: float((x @ (wq - w).t()).pow(2).sum())  # noqa: E731
+    assert err(q) <= err(fake_quant_rows(w, bits))
+    qmax = 127 if bits == 8 else 2**bits - 1  # and GPTQ's weights lie on their grid
+    codes = q / scale[:, None] + zero[:, None]
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.round().abs().max() <= qmax
+
+
+def test_gptq_checkpoint_reproduces_its_codes():
+    lin, x = layer_and_inputs()
+    w = lin.weight.detach()
+    q, scale, zero = gptq_quantize(w, x.t().double() @ x.double(), 4)
+    layer = QuantLinear.from_linear(lin, torch.full((24,), 4), 16, {"weight": q, "grid_scale": scale, "grid_zero": zero})
+    assert torch.allclose(layer.weight, q, atol=1e-6)
+
+
+def test_omniquant_training_beats_rtn_at_w4a4():
+    lin, x = layer_and_inputs()
+    t = train_layer(x, lin.weight, lin.bias, 4, 4, steps=60)
+    assert set(t) == {"in_scale", "in_shift", "clip", "clip_lo"}
+    trained = QuantLinear.from_linear(lin, torch.full((24,), 4), 4, t)
+    rtn = QuantLinear.from_linear(lin, torch.full((24,), 4), 4)
+    assert out_err(lin, trained, x) < out_err(lin, rtn, x)
+
+
+BASELINES = [m for m, need in NEEDS.items() if need == "observations"]
+
+
+@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("w_bits, a_bits", [(8, 8), (4, 16)])
+def test_every_baseline_quantizes_the_toy_policy_close_to_full_precision(make_toy, toy_obs, method, w_bits, a_bits):
+    policy = make_toy()
+    images = torch.stack(toy_obs)
+    with torch.no_grad():
+        ref = policy.model(images)
+    plan = METHODS[method](policy, QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits), toy_obs)
+    assert plan.method == method and plan.average_bits == w_bits and plan.transforms
+    quantize_(policy, plan)
+    with torch.no_grad():
+        out = policy.model(images)
+    sqnr = 10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum())
+    assert sqnr > (30 if w_bits == 8 else 15)
+
+
+def test_transforms_survive_the_checkpoint_and_run_on_real_kernels():
+    from qvla.quant.packed import PackedLinear
+
+    lin, x = layer_and_inputs()
+    t = train_layer(x, lin.weight, lin.bias, 4, 8, steps=20)
+    sim = QuantLinear.from_linear(lin, torch.full((24,), 4), 8, t)
+    p = sim.payload
+    storage = {**to_storage(p["codes"], p["scale"], p["zero"], p["bits"], p["fp_rows"]), **sim.inp}
+    real = PackedLinear(storage, lin.weight.shape, sim.bias, 8)
+    with torch.no_grad():
+        ref, out = sim(x), real(x)
+    assert 10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()) > 25
+    assert fake_quant_activation(x, 8).shape == x.shape
+
+
+def test_unknown_transform_key_is_refused():
+    lin, _ = layer_and_inputs()
+    with pytest.raises(ValueError, match="unknown transform keys"):
+        QuantLinear.from_linear(lin, torch.full((24,), 4), 16, {"scales": torch.ones(32)})
