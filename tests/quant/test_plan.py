@@ -8,7 +8,7 @@ import torch
 
 from qvla.quant import sensitivity as S
 from qvla.quant.apply import layer_shapes
-from qvla.quant.methods import METHODS, QuantConfig
+from qvla.quant.methods import METHODS, NEEDS, QuantConfig
 from qvla.quant.methods.qvla import make_plan
 from qvla.quant.plan import Plan, signature
 
@@ -102,9 +102,10 @@ def test_signature_depends_on_names_and_shapes_only():
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_makes_a_valid_plan_for_the_toy(make_toy, sens, method):
+def test_every_method_makes_a_valid_plan_for_the_toy(make_toy, sens, toy_obs, method):
     toy = make_toy()
-    plan = METHODS[method](toy, QuantConfig(method=method, w_bits=4), sens, {})
+    calibration = {"sensitivity": sens, "observations": toy_obs, None: None}[NEEDS[method]]
+    plan = METHODS[method](toy, QuantConfig(method=method, w_bits=4), calibration, {})
     assert plan.method == method and set(plan.bits) == {"0", "3", "5"}
     assert plan.signature == signature(layer_shapes(toy.model, plan.bits))
     assert plan.average_bits <= 4.0 + 1e-9
@@ -116,3 +117,16 @@ def test_rtn_refuses_non_integer_bits_and_respects_pins(make_toy):
             METHODS["rtn"](make_toy(), QuantConfig(method="rtn", w_bits=w_bits))
     plan = METHODS["rtn"](make_toy(), QuantConfig(method="rtn", w_bits=2, pins={"action_head": 16}))
     assert plan.bits["5"].tolist() == [16] * 6 and set(plan.bits["3"].tolist()) == {2}
+
+
+def test_plan_with_transforms_round_trips(make_toy, toy_obs, tmp_path):
+    from qvla.quant.plan import TRANSFORMS
+
+    plan = METHODS["omniquant"](make_toy(), QuantConfig(method="omniquant", w_bits=4, a_bits=8), toy_obs, {})
+    plan.save(tmp_path)
+    assert (tmp_path / TRANSFORMS).is_file()
+    back = Plan.load(tmp_path)
+    assert set(back.transforms) == set(plan.transforms) and back.transforms
+    for n, t in plan.transforms.items():
+        assert set(back.transforms[n]) == set(t)
+        assert all(torch.equal(back.transforms[n][k], v.float()) for k, v in t.items())
