@@ -7,23 +7,11 @@ config.json (method, bits). Retained = quantized success / FP success on the sam
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
+from qvla.table import paired_delta, records
+
 R = Path(__file__).resolve().parent.parent / "results"
-
-
-def records(summary: Path) -> dict[str, dict]:
-    return {r["id"]: r for r in map(json.loads, summary.with_suffix(".jsonl").read_text().splitlines())}
-
-
-def paired_delta(fp: dict, q: dict) -> tuple[float, float]:
-    """Mean paired difference in success (q - fp) and its 95 % normal-approximation half-width."""
-    d = [float(q[i]["success"]) - float(fp[i]["success"]) for i in fp if i in q
-         and fp[i].get("error") is None and q[i].get("error") is None]
-    m = sum(d) / len(d)
-    sd = math.sqrt(sum((x - m) ** 2 for x in d) / max(1, len(d) - 1))
-    return m, 1.96 * sd / math.sqrt(len(d))
 
 
 def main() -> None:
@@ -37,7 +25,7 @@ def main() -> None:
             for f in sorted((R / method / pol).glob("eval-*.json")):
                 s = json.loads(f.read_text())
                 q = json.loads((Path(s["checkpoint"]) / "config.json").read_text())["quantization"]
-                m, hw = paired_delta(fp, records(f))
+                m, hw, _ = paired_delta(fp, records(f))
                 ret = s["success_rate"] / fp_sum["success_rate"] if fp_sum["success_rate"] else float("nan")
                 name = f.stem.removeprefix("eval-")
                 prov = json.loads((Path(s["checkpoint"]) / "plan.json").read_text())["provenance"]

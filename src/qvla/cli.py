@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 
 def _demos(a: argparse.Namespace) -> None:
@@ -32,6 +33,14 @@ def _eval(a: argparse.Namespace) -> None:
     print(format_table({s["policy"]: s}))
     for e in s["errors"]:
         print(f"ERROR in {e['id']}: {e['error']}", file=sys.stderr)
+
+
+def _table(a: argparse.Namespace) -> None:
+    from qvla.table import run_table
+
+    run_table(a.policy, a.settings.split(","), a.methods.split(","), a.episodes_per_task, a.out, a.calib,
+              a.calib_episodes, a.workers, a.seed, a.form)
+    print((Path(a.out) / "table.md").read_text())
 
 
 def _bench(a: argparse.Namespace) -> None:
@@ -125,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kernels", choices=["real", "simulated"], default="real",
                    help="quantized checkpoints: real integer kernels on packed weights, or the fake-quant path")
     e.set_defaults(func=_eval)
+
+    t = sub.add_parser("table", help="quantize + evaluate every (setting, method), paired against FP")
+    t.add_argument("--policy", required=True)
+    t.add_argument("--settings", default="W8A8,W4A4,W4A16")
+    t.add_argument("--methods", default="rtn,smoothquant,awq,omniquant,gptq,qvla")
+    t.add_argument("--episodes-per-task", type=int, default=20)
+    t.add_argument("--calib", default=None, help="calibration directory (default: OUT/calib, collected first)")
+    t.add_argument("--calib-episodes", type=int, default=10)
+    t.add_argument("--form", default="action", choices=["action", "logits"])
+    t.add_argument("--workers", type=int, default=1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=_table)
 
     b = sub.add_parser("bench", help="control-step latency and weight memory vs the fp32 and bf16 forms")
     b.add_argument("--policy", required=True, help="registered name or checkpoint directory")

@@ -1,0 +1,59 @@
+"""qvla table: setting parsing, the paired difference, and the written table (on synthetic records)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qvla.table import paired_delta, parse_setting, run_table, write_table
+
+
+@pytest.mark.parametrize("s, expected", [("W4A16", (4.0, 16)), ("w8a8", (8.0, 8)), ("W2.5A16", (2.5, 16))])
+def test_parse_setting(s, expected):
+    assert parse_setting(s) == expected
+
+
+@pytest.mark.parametrize("s", ["W4", "A8W8", "W4A5", "4A16"])
+def test_parse_setting_refuses_malformed(s):
+    with pytest.raises(ValueError, match="W<bits>A<4|8|16>"):
+        parse_setting(s)
+
+
+def test_paired_delta_ignores_errored_episodes_and_pairs_by_id():
+    fp = {"a": {"success": True}, "b": {"success": False}, "c": {"success": True}, "d": {"success": True}}
+    q = {"a": {"success": True}, "b": {"success": True}, "c": {"success": False, "error": "boom"},
+         "d": {"success": False}}
+    m, hw, n = paired_delta(fp, q)
+    assert n == 3 and m == pytest.approx(0.0) and hw > 0
+
+
+def write_eval(path, successes: dict[str, bool], tasks=("reach", "push")):
+    recs = [{"id": i, "task": tasks[k % len(tasks)], "success": s, "error": None} for k, (i, s) in enumerate(successes.items())]
+    path.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    per_task = {t: sum(r["success"] for r in recs if r["task"] == t) / max(1, sum(r["task"] == t for r in recs))
+                for t in tasks}
+    path.write_text(json.dumps({"success_rate": sum(successes.values()) / len(successes), "per_task": per_task,
+                                "errors": []}))
+
+
+def test_write_table_reads_every_row(tmp_path):
+    write_eval(tmp_path / "fp.json", {"e0": True, "e1": True, "e2": False, "e3": True})
+    write_eval(tmp_path / "eval-x.json", {"e0": True, "e1": False, "e2": False, "e3": True})
+    bench = {"weight_bytes": 2**20, "average_bits": 4.0, "latency_ms": 5.0, "speedup_vs_fp32": 1.5,
+             "speedup_vs_bf16": 3.0, "weight_bytes_fp32": 4 * 2**20, "device": {"cpu": "x", "threads": 2, "isa": "AVX2"}}
+    (tmp_path / "bench-x.json").write_text(json.dumps(bench))
+    rows = [{"setting": "W4A16", "method": "rtn", "checkpoint": "c", "eval": str(tmp_path / "eval-x.json"),
+             "bench": str(tmp_path / "bench-x.json")}]
+    t = write_table("p", tmp_path / "fp.json", rows, tmp_path, 2)
+    assert t["rows"][0]["delta"] == pytest.approx(-0.25) and t["rows"][0]["pairs"] == 4
+    md = (tmp_path / "table.md").read_text()
+    assert "| W4A16 | rtn | 50 | 50 | 50 | -25.0 ±" in md and "1.00 | 1.50 |" in md
+    assert json.loads((tmp_path / "table.json").read_text())["rows"][0]["method"] == "rtn"
+
+
+def test_run_table_refuses_unknown_methods_and_bad_settings(tmp_path):
+    with pytest.raises(KeyError, match="unknown methods \\['nope'\\]"):
+        run_table("microvla-chunk", ["W4A16"], ["nope"], 1, tmp_path)
+    with pytest.raises(ValueError, match="not of the form"):
+        run_table("microvla-chunk", ["W4"], ["rtn"], 1, tmp_path)
+    assert not any(tmp_path.iterdir())
