@@ -3,7 +3,7 @@
 The stack has OpenVLA's shapes with random weights: a Llama-2-7B decoder (hidden 4096, MLP 11008,
 32 heads, 32 layers), the fused DINOv2-L (1024 / 4096, 24 layers) + SigLIP-so400m (1152 / 4304, 27
 layers) vision towers on 256 patches, the fused-GELU MLP projector (2176 -> 8704 -> 4096 -> 4096),
-a 32000-token LM head, and an OFT-style action head (4096 -> 4096 -> 4096 -> 7 on 56 action tokens).
+a 32000-token LM head (8 bits in every quantized form), and an OFT-style action head (4096 -> 4096 -> 4096 -> 7 on 56 action tokens).
 One layer of each kind is built and timed; the full model is extrapolated by layer counts.
 
 A control step is what OpenVLA runs per action: both towers on 256 patches, the projector, the
@@ -48,7 +48,7 @@ SHAPES = {  # kind -> {linear name: (out, in)}
 }
 HEADS = {"decoder": 32, "dino": 16, "siglip": 16}
 ERR = {16: 0.0, 8: 1.0, 4: 16.0, 2: 64.0, 0: 400.0}  # activation error of each width, relative to 8 bits
-EMBED_PARAMS = 32000 * 4096  # token embedding: kept at 16 bits in every form
+EMBED_PARAMS = 32000 * 4096  # token embedding: a table lookup, kept at 16 bits (fp32 in the fp32 form)
 
 
 def make_linears(kind: str, seed: int) -> dict[str, nn.Linear]:
@@ -144,14 +144,16 @@ def build(kind: str, form: str, plans: dict) -> tuple[Block, int]:
     """-> (block, bytes of weights it holds)."""
     bits_of, a_bits, dtype = FORMS[form]
     linears = make_linears(kind, seed=hash(kind) % 1000)
-    if bits_of is None or kind == "lm_head":
-        block = Block(kind, linears).to(dtype if bits_of is None else torch.float32)
-        el = 2 if dtype == torch.bfloat16 or kind == "lm_head" else 4
-        return block, sum(m.weight.numel() for m in linears.values()) * el
+    if bits_of is None:
+        block = Block(kind, linears).to(dtype)
+        return block, sum(m.weight.numel() for m in linears.values()) * (2 if dtype == torch.bfloat16 else 4)
     plan = plans[bits_of] if isinstance(bits_of, tuple) else None
     swapped = {}
     for name, lin in linears.items():
-        bits = plan[(kind, name)] if plan is not None else bits_of(kind, name, lin.weight.shape[0])
+        if kind == "lm_head":  # kept at 8 bits in every quantized form (a plan pin; it runs once per token)
+            bits = torch.full((lin.weight.shape[0],), 8, dtype=torch.long)
+        else:
+            bits = plan[(kind, name)] if plan is not None else bits_of(kind, name, lin.weight.shape[0])
         swapped[name] = quantized(lin, bits, a_bits)
     return Block(kind, swapped), sum(m.weight_nbytes for m in swapped.values())
 
@@ -171,20 +173,21 @@ def time_kind(kind: str, block: Block, dtype, runs: int) -> dict[str, float]:
     if kind in ("dino", "siglip"):
         x = torch.randn(1, 256, block_dim(kind), dtype=dtype)
         return {"prefill": median_ms(lambda: block(x), runs)}
+    d_in = next(iter(SHAPES[kind].values()))[1]
     if kind == "projector":
-        x = torch.randn(1, 256, 2176, dtype=dtype)
+        x = torch.randn(1, 256, d_in, dtype=dtype)
         return {"prefill": median_ms(lambda: block(x), runs)}
     if kind == "action_head":
-        x = torch.randn(1, 56, 4096, dtype=dtype)
+        x = torch.randn(1, 56, d_in, dtype=dtype)
         return {"prefill": median_ms(lambda: block(x), runs)}
     if kind == "lm_head":
-        x = torch.randn(1, 1, 4096, dtype=torch.float32 if dtype != torch.bfloat16 else dtype)
+        x = torch.randn(1, 1, d_in, dtype=dtype)
         return {"decode": median_ms(lambda: block(x), runs)}
-    x = torch.randn(1, PREFILL, 4096, dtype=dtype)
+    x = torch.randn(1, PREFILL, d_in, dtype=dtype)
     prefill = median_ms(lambda: block(x, []), runs)
     cache: list = []
     block(x, cache)
-    one = torch.randn(1, 1, 4096, dtype=dtype)
+    one = torch.randn(1, 1, d_in, dtype=dtype)
 
     def decode():
         c = list(cache)
@@ -230,7 +233,7 @@ def main(argv=None) -> int:
             per_layer[kind] = time_kind(kind, block, FORMS[form][2], a.runs)
             del block
             print(form, kind, {k: round(v, 2) for k, v in per_layer[kind].items()}, file=sys.stderr, flush=True)
-        full = sum(LAYERS[k] * nbytes[k] for k in SHAPES) + EMBED_PARAMS * 2
+        full = sum(LAYERS[k] * nbytes[k] for k in SHAPES) + EMBED_PARAMS * (4 if form == "fp32" else 2)
         result["forms"][form] = {"per_layer_ms": per_layer, "per_layer_bytes": nbytes, "model_bytes": full,
                                  "control_step_ms": control_step(per_layer)}
     ref = result["forms"].get("bf16")
