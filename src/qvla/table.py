@@ -78,7 +78,18 @@ def run_table(policy: str, settings: list[str], methods: list[str], episodes_per
                 run_bench(str(ckpt), bj, runs=bench_runs)
             rows.append({"setting": setting, "method": method, "checkpoint": str(ckpt), "eval": str(ev),
                          "bench": str(bj)})
-    return write_table(policy, fp_file, rows, out, episodes_per_task)
+    return write_table(policy, fp_file, earlier_rows(out, rows) + rows, out, episodes_per_task)
+
+
+def earlier_rows(out: Path, rows: list[dict]) -> list[dict]:
+    """Rows of earlier `qvla table` runs into the same OUT that this run did not redo: one table per OUT."""
+    old = out / "table.json"
+    if not old.is_file():
+        return []
+    keys = {(r["setting"], r["method"]) for r in rows}
+    keep = ("setting", "method", "checkpoint", "eval", "bench")
+    return [{k: r[k] for k in keep} for r in json.loads(old.read_text())["rows"]
+            if (r["setting"], r["method"]) not in keys and Path(r["eval"]).is_file()]
 
 
 def write_table(policy: str, fp_file: Path, rows: list[dict], out: Path, episodes_per_task: int) -> dict:
@@ -92,6 +103,9 @@ def write_table(policy: str, fp_file: Path, rows: list[dict], out: Path, episode
     table = {"policy": policy, "episodes_per_task": episodes_per_task, "fp": fp_sum["success_rate"],
              "fp_per_task": fp_sum["per_task"], "rows": []}
     bench0 = None
+    order = ["rtn", "smoothquant", "awq", "omniquant", "gptq", "qvla"]
+    rows = sorted(rows, key=lambda r: (*(-v for v in parse_setting(r["setting"])),
+                                       order.index(r["method"]) if r["method"] in order else len(order)))
     for r in rows:
         s = json.loads(Path(r["eval"]).read_text())
         b = json.loads(Path(r["bench"]).read_text())
