@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from qvla.quant.layer_inputs import collect_inputs
 from qvla.quant.methods import QuantConfig
-from qvla.quant.methods.rtn import uniform_bits, uniform_plan
+from qvla.quant.methods.rtn import layerwise_plan
 from qvla.quant.primitives import dequantize_rows, fake_quant_activation, quantize_rows
 
 ALPHAS = torch.linspace(0, 1, 21)
@@ -59,16 +58,14 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, a_bits: int, s: tor
 
 
 def make_plan(policy, cfg: QuantConfig, observations, provenance: dict | None = None):
-    bits = uniform_bits(policy, cfg)
-    inputs = collect_inputs(policy, observations, list(bits), max_rows=2048)
-    mods = dict(policy.model.named_modules())
-    transforms, alphas = {}, {}
-    for n, x in inputs.items():
-        b = int(bits[n][0])
-        if b >= 16:
-            continue
-        w = mods[n].weight.detach().float()
-        s, alphas[n] = search_scale(x, w, b, cfg.a_bits)
-        transforms[n] = {"in_scale": s, "clip": search_clip(x, w, b, cfg.a_bits, s)}
-    return uniform_plan(policy, cfg, transforms, {**(provenance or {}), "alphas": alphas,
-                                                   "coverage": "Linear layers searched; convs RTN"})
+    alphas: dict[int, float] = {}
+
+    def transform(x: torch.Tensor, mod, bits: int) -> dict[str, torch.Tensor]:
+        w = mod.weight.detach().float()
+        s, alphas[len(alphas)] = search_scale(x, w, bits, cfg.a_bits)
+        return {"in_scale": s, "clip": search_clip(x, w, bits, cfg.a_bits, s)}
+
+    plan = layerwise_plan(policy, cfg, observations, transform, 2048,
+                          {**(provenance or {}), "coverage": "Linear layers searched; convs RTN"})
+    plan.provenance["alphas"] = dict(zip(plan.transforms, alphas.values()))
+    return plan

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from qvla.quant.layer_inputs import collect_inputs
 from qvla.quant.methods import QuantConfig
-from qvla.quant.methods.rtn import uniform_bits, uniform_plan
+from qvla.quant.methods.rtn import layerwise_plan
 from qvla.quant.primitives import quant_params
 
 
@@ -45,15 +44,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, damp: float = 0.0
 
 
 def make_plan(policy, cfg: QuantConfig, observations, provenance: dict | None = None):
-    bits = uniform_bits(policy, cfg)
-    inputs = collect_inputs(policy, observations, list(bits), max_rows=8192)
-    mods = dict(policy.model.named_modules())
-    transforms = {}
-    for n, x in inputs.items():
-        b = int(bits[n][0])
-        if b >= 16:
-            continue
-        h = 2 * x.t().double() @ x.double() / len(x)
-        q, scale, zero = gptq_quantize(mods[n].weight.detach(), h, b)
-        transforms[n] = {"weight": q, "grid_scale": scale, "grid_zero": zero}
-    return uniform_plan(policy, cfg, transforms, {**(provenance or {}), "coverage": "Linear layers; convs RTN"})
+    def transform(x: torch.Tensor, mod, bits: int) -> dict[str, torch.Tensor]:
+        q, scale, zero = gptq_quantize(mod.weight.detach(), 2 * x.t().double() @ x.double() / len(x), bits)
+        return {"weight": q, "grid_scale": scale, "grid_zero": zero}
+
+    return layerwise_plan(policy, cfg, observations, transform, 8192,
+                          {**(provenance or {}), "coverage": "Linear layers; convs RTN"})

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from qvla.quant.layer_inputs import collect_inputs
 from qvla.quant.methods import QuantConfig
-from qvla.quant.methods.rtn import uniform_bits, uniform_plan
+from qvla.quant.methods.rtn import layerwise_plan
 from qvla.quant.methods.smoothquant import smooth_scales
 
 
@@ -70,13 +69,6 @@ def train_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bit
 
 
 def make_plan(policy, cfg: QuantConfig, observations, provenance: dict | None = None):
-    bits = uniform_bits(policy, cfg)
-    inputs = collect_inputs(policy, observations, list(bits), max_rows=4096)
-    mods = dict(policy.model.named_modules())
-    transforms = {}
-    for n, x in inputs.items():
-        b = int(bits[n][0])
-        if b < 16:
-            transforms[n] = train_layer(x, mods[n].weight, mods[n].bias, b, cfg.a_bits)
-    return uniform_plan(policy, cfg, transforms, {**(provenance or {}), "steps": 100,
-                                                   "coverage": "Linear layers trained; convs RTN"})
+    return layerwise_plan(policy, cfg, observations,
+                          lambda x, mod, bits: train_layer(x, mod.weight, mod.bias, bits, cfg.a_bits), 4096,
+                          {**(provenance or {}), "steps": 100, "coverage": "Linear layers trained; convs RTN"})

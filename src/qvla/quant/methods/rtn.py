@@ -3,6 +3,8 @@
 uniform_plan() is shared by the baselines: same bits everywhere, plus the method's transforms."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from qvla.quant.apply import layer_shapes
@@ -30,6 +32,19 @@ def uniform_plan(policy, cfg: QuantConfig, transforms: dict | None = None, prove
     return Plan(bits, {n: mods[n].weight[0].numel() for n in bits}, {n: roles[n] for n in bits},
                 cfg.a_bits, float(cfg.w_bits), cfg.method, signature(layer_shapes(policy.model, bits)),
                 provenance or {}, transforms or {})
+
+
+def layerwise_plan(policy, cfg: QuantConfig, observations, transform: Callable, max_rows: int,
+                   provenance: dict) -> Plan:
+    """Uniform bits plus, for every quantized Linear, transform(inputs (rows, K), module, bits) -> tensors,
+    computed on that layer's full-precision calibration inputs (the baselines' shared skeleton)."""
+    from qvla.quant.layer_inputs import collect_inputs
+
+    bits = uniform_bits(policy, cfg)
+    inputs = collect_inputs(policy, observations, list(bits), max_rows=max_rows)
+    mods = dict(policy.model.named_modules())
+    transforms = {n: transform(x, mods[n], int(bits[n][0])) for n, x in inputs.items() if int(bits[n][0]) < 16}
+    return uniform_plan(policy, cfg, transforms, provenance)
 
 
 def make_plan(policy, cfg: QuantConfig, observations=None, provenance: dict | None = None) -> Plan:
