@@ -104,7 +104,7 @@ def test_signature_depends_on_names_and_shapes_only():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_makes_a_valid_plan_for_the_toy(make_toy, sens, toy_obs, method):
     toy = make_toy()
-    calibration = {"sensitivity": sens, "observations": toy_obs, None: None}[NEEDS[method]]
+    calibration = {"sensitivity": sens, "observations": toy_obs, None: None, "both": (sens, toy_obs)}[NEEDS[method]]
     plan = METHODS[method](toy, QuantConfig(method=method, w_bits=4), calibration, {})
     assert plan.method == method and set(plan.bits) == {"0", "3", "5"}
     assert plan.signature == signature(layer_shapes(toy.model, plan.bits))

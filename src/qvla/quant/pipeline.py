@@ -71,11 +71,12 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
             raise ValueError(f"method {cfg.method} needs --calib (a directory written by 'qvla calibrate')")
         path, policy, manifest, observations, weights = _load(policy_ref, calib, suite)
         provenance.update({"calibration": str(calib), "calibration_episodes": len(manifest["episodes"])})
-        if needs == "sensitivity":
+        if needs in ("sensitivity", "both"):
             sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits,
                                          cfg.batch_size, cfg.probes)
             provenance["sensitivity_file"] = str(file)
-            plan = METHODS[cfg.method](policy, cfg, sens, provenance)
+            plan = METHODS[cfg.method](policy, cfg, sens if needs == "sensitivity" else (sens, observations),
+                                       provenance)
         else:  # the baselines calibrate on the same observations, layer by layer
             plan = METHODS[cfg.method](policy, cfg, observations, provenance)
     plan.provenance["weights_sha256"] = weights

@@ -57,5 +57,7 @@ def _method(module: str) -> Callable:
 
 # name -> plan maker; NEEDS says what it calibrates on: nothing, per-layer inputs, or sensitivities
 METHODS: dict[str, Callable] = {m: _method(m) for m in ("qvla", "rtn", "smoothquant", "awq", "gptq", "omniquant")}
+METHODS["qvla-sq"] = _method("qvla_sq")
 NEEDS: dict[str, str | None] = {"qvla": "sensitivity", "rtn": None, "smoothquant": "observations",
-                                "awq": "observations", "gptq": "observations", "omniquant": "observations"}
+                                "awq": "observations", "gptq": "observations", "omniquant": "observations",
+                                "qvla-sq": "both"}
