@@ -35,13 +35,16 @@ def main(argv=None) -> int:
                      a.out, a.calib, workers=a.workers, form=a.form)
     ours = run_table(a.policy, [f"W{b:g}A16" for b in budgets], ["qvla"], a.episodes_per_task, a.out, a.calib,
                      workers=a.workers, form=a.form)
+    base_methods = set(a.baselines.split(","))
     best = {}
-    for r in base["rows"]:
+    for r in (r for r in base["rows"] if r["method"] in base_methods and r["setting"].endswith("A16")):
         w = r["average_bits"]
         if w not in best or r["success_rate"] > best[w]["success_rate"]:
             best[w] = r
     points = []
-    for b, r in zip(budgets, ours["rows"]):
+    qvla_rows = {r["setting"]: r for r in ours["rows"] if r["method"] == "qvla"}
+    for b in budgets:
+        r = qvla_rows[f"W{b:g}A16"]
         fit = max((w for w in best if w <= b), default=None)
         points.append({"budget": b, "qvla": r["success_rate"], "qvla_average_bits": r["average_bits"],
                        "baseline": best[fit]["success_rate"] if fit else None,
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([p["budget"] for p in points], [100 * p["qvla"] for p in points], "o-", label="QVLA (mixed)")
     pts = [(p["budget"], 100 * p["baseline"]) for p in points if p["baseline"] is not None]
-    ax.plot(*zip(*pts), "s--", label="best uniform baseline that fits")
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", label="best uniform baseline that fits")
     ax.axhline(100 * result["fp"], color="gray", lw=1, label="full precision")
     ax.set_xlabel("average weight bits (A16)")
     ax.set_ylabel("success on mt10 (%)")

@@ -67,5 +67,5 @@ def make_plan(policy, cfg: QuantConfig, observations, provenance: dict | None = 
 
     plan = layerwise_plan(policy, cfg, observations, transform, 2048,
                           {**(provenance or {}), "coverage": "Linear layers searched; convs RTN"})
-    plan.provenance["alphas"] = dict(zip(plan.transforms, alphas.values()))
+    plan.provenance["alphas"] = dict(zip(plan.transforms, alphas.values(), strict=True))
     return plan
