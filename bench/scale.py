@@ -33,7 +33,6 @@ from qvla.bench import device_info
 from qvla.quant import allocate
 from qvla.quant.apply import QuantLinear
 from qvla.quant.packed import PackedLinear
-from qvla.quant.storage import to_storage
 
 PREFILL, DECODE_STEPS, PROMPT = 256 + 20, 7, 20
 LAYERS = {"decoder": 32, "dino": 24, "siglip": 27, "projector": 1, "lm_head": 1, "action_head": 1}
@@ -89,9 +88,7 @@ def uniform(bits: int):
 
 
 def quantized(lin: nn.Linear, bits: torch.Tensor, a_bits: int) -> PackedLinear:
-    p = QuantLinear.from_linear(lin, bits, a_bits).payload
-    return PackedLinear(to_storage(p["codes"], p["scale"], p["zero"], p["bits"], p["fp_rows"]),
-                        lin.weight.shape, None, a_bits)
+    return PackedLinear(QuantLinear.from_linear(lin, bits, a_bits).storage(), lin.weight.shape, None, a_bits)
 
 
 class Block(nn.Module):

@@ -102,13 +102,12 @@ def run_bench(policy_ref: str, out: str | Path | None = None, runs: int = 50, wa
             ms = _step(p, obs, b)
             if i >= warmup:
                 times[name].append(ms)
-    per_role = {}
+    per_role, n = {}, max(3, runs // 5)  # hooked steps per form
     for name, (p, b) in forms.items():
         totals: dict[str, float] = defaultdict(float)
         with role_timers(p, totals):
-            for _ in range(max(3, runs // 5)):
+            for _ in range(n):
                 _step(p, obs, b)
-        n = max(3, runs // 5)
         per_role[name] = {r: round(v / n, 3) for r, v in sorted(totals.items())}
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {

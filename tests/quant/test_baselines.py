@@ -15,7 +15,6 @@ from qvla.quant.methods.gptq import gptq_quantize
 from qvla.quant.methods.omniquant import train_layer
 from qvla.quant.methods.smoothquant import smooth_scales
 from qvla.quant.primitives import fake_quant_activation, fake_quant_rows
-from qvla.quant.storage import to_storage
 
 
 def layer_and_inputs(n: int = 24, k: int = 32, rows: int = 512, seed: int = 0):
@@ -133,9 +132,7 @@ def test_transforms_survive_the_checkpoint_and_run_on_real_kernels():
     lin, x = layer_and_inputs()
     t = train_layer(x, lin.weight, lin.bias, 4, 8, steps=20)
     sim = QuantLinear.from_linear(lin, torch.full((24,), 4), 8, t)
-    p = sim.payload
-    storage = {**to_storage(p["codes"], p["scale"], p["zero"], p["bits"], p["fp_rows"]), **sim.inp}
-    real = PackedLinear(storage, lin.weight.shape, sim.bias, 8)
+    real = PackedLinear(sim.storage(), lin.weight.shape, sim.bias, 8)
     with torch.no_grad():
         ref, out = sim(x), real(x)
     assert 10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()) > 25

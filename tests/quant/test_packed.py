@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from qvla.quant.apply import QuantConv2d, QuantLinear, weight_nbytes
 from qvla.quant.kernels import HalfKernel, Int4Kernel, Int8Kernel
-from qvla.quant.packed import PackedConv2d, PackedLinear, packed_layer
+from qvla.quant.packed import PackedConv2d, PackedLinear, conv_params, packed_layer
 from qvla.quant.packing import pack, packed_width, unpack
 from qvla.quant.primitives import fake_quant_mixed
-from qvla.quant.storage import dequantize_storage, storage_nbytes, to_storage, validate_storage
+from qvla.quant.storage import dequantize_storage, from_storage, storage_nbytes, validate_storage
 
 
 @settings(max_examples=60, deadline=None)
@@ -50,29 +50,27 @@ def mixed_layer(n: int, k: int, seed: int = 0, conv: bool = False):
     return mod, bits
 
 
-def storage_of(layer: QuantLinear) -> dict[str, torch.Tensor]:
-    p = layer.payload
-    return to_storage(p["codes"], p["scale"], p["zero"], p["bits"], p["fp_rows"])
-
-
 @pytest.mark.parametrize("n, k, conv", [(1, 5, False), (17, 33, False), (40, 128, False), (13, 27, True)])
 def test_storage_round_trip_is_exact(n, k, conv):
     mod, bits = mixed_layer(n, k, conv=conv)
     sim = (QuantConv2d.from_conv if conv else QuantLinear.from_linear)(mod, bits, 16)
-    storage = storage_of(sim)
+    storage = sim.storage()
     validate_storage(storage, tuple(mod.weight.shape), "test")
     w = dequantize_storage(storage, mod.weight.shape)
     ref = fake_quant_mixed(mod.weight.detach(), bits)
     fp = bits == 16  # kept rows are stored in fp16
     assert torch.equal(w[~fp], ref[~fp])
     assert torch.allclose(w[fp], ref[fp], rtol=1e-3, atol=1e-6)
+    rebuilt = type(sim)(from_storage(storage, mod.weight.shape), mod.weight.shape, mod.bias, 16,
+                        *([sim.conv] if conv else []))  # the simulated loader's layer
+    assert torch.equal(rebuilt.weight, w)
 
 
 def test_storage_bytes_follow_the_bits():
     mod = nn.Linear(256, 64)
     for b, per_weight in [(8, 1.0), (4, 0.5), (2, 0.25)]:
         sim = QuantLinear.from_linear(mod, torch.full((64,), b), 16)
-        nbytes = storage_nbytes(storage_of(sim))
+        nbytes = storage_nbytes(sim.storage())
         assert 64 * 256 * per_weight <= nbytes <= 64 * 256 * per_weight + 64 * 6  # + scale, zero, bits
 
 
@@ -86,7 +84,7 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
 def test_real_kernels_match_the_fake_quant_layer(n, k, a_bits, tokens):
     mod, bits = mixed_layer(n, k, seed=n + k)
     sim = QuantLinear.from_linear(mod, bits, a_bits)
-    real = PackedLinear(storage_of(sim), mod.weight.shape, mod.bias, a_bits)
+    real = PackedLinear(sim.storage(), mod.weight.shape, mod.bias, a_bits)
     x = torch.randn(2, tokens, k)
     with torch.no_grad():
         ref, out = sim(x), real(x)
@@ -127,8 +125,7 @@ def test_kernels_report_the_bytes_they_hold():
 def test_packed_conv_matches_the_fake_quant_conv():
     mod, bits = mixed_layer(13, 27, conv=True)
     sim = QuantConv2d.from_conv(mod, bits, 8)
-    conv = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
-    real = PackedConv2d(storage_of(sim), mod.weight.shape, mod.bias, 8, conv)
+    real = PackedConv2d(sim.storage(), mod.weight.shape, mod.bias, 8, conv_params(mod))
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
         assert sqnr_db(sim(x), real(x)) > 60  # same float math on fp16-stored rows
@@ -145,7 +142,7 @@ def test_packed_conv_matches_the_fake_quant_conv():
 def test_malformed_storage_is_refused(breakage, message):
     mod = nn.Linear(20, 8)
     sim = QuantLinear.from_linear(mod, torch.tensor([4, 4, 8, 2, 16, 0, 4, 8]), 16)
-    storage = storage_of(sim)
+    storage = sim.storage()
     breakage(storage)
     with pytest.raises(ValueError, match=message):
         validate_storage(storage, (8, 20), "layer x")
@@ -195,7 +192,7 @@ def test_real_kernel_policy_acts_like_the_simulated_one(rtn_ckpt, random_observa
 def test_packed_layer_dispatches_on_module_type():
     lin, bits = mixed_layer(8, 18)
     conv, cbits = mixed_layer(8, 18, conv=True)
-    s_lin = storage_of(QuantLinear.from_linear(lin, bits, 16))
-    s_conv = storage_of(QuantConv2d.from_conv(conv, cbits, 16))
+    s_lin = QuantLinear.from_linear(lin, bits, 16).storage()
+    s_conv = QuantConv2d.from_conv(conv, cbits, 16).storage()
     assert isinstance(packed_layer(lin, s_lin, lin.bias, 16), PackedLinear)
     assert isinstance(packed_layer(conv, s_conv, conv.bias, 16), PackedConv2d)

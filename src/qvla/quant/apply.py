@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qvla.quant.packed import packed_layer
+from qvla.quant.packed import conv_params, packed_layer
 from qvla.quant.plan import Plan, signature
 from qvla.quant.primitives import dequantize_rows, fake_quant_activation, quantize_rows
-from qvla.quant.storage import dequantize_storage, to_storage, validate_storage
+from qvla.quant.storage import from_storage, input_transform, input_transform_of, to_storage, validate_storage
 
 
 TRANSFORM_KEYS = ("in_scale", "in_shift", "clip", "clip_lo", "weight", "grid_scale", "grid_zero")
@@ -64,14 +64,6 @@ def quantize_weight_codes(w: torch.Tensor, bits: torch.Tensor, t: dict[str, torc
             "fp_rows": w[bits == 16].clone()}
 
 
-def input_transform(x: torch.Tensor, inp: dict[str, torch.Tensor]) -> torch.Tensor:
-    if "in_shift" in inp:
-        x = x - inp["in_shift"]
-    if "in_scale" in inp:
-        x = x / inp["in_scale"]
-    return x
-
-
 def dequantize_weight(p: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     bits = p["bits"]
     w = dequantize_rows(p["codes"].to(torch.int16), p["scale"], p["zero"]).reshape(shape)
@@ -98,6 +90,11 @@ class QuantLinear(nn.Module):
         w, bias, inp = transformed(mod.weight.detach(), mod.bias, t)
         return cls(quantize_weight_codes(w, bits, t), mod.weight.shape, bias, a_bits, inp)
 
+    def storage(self) -> dict[str, torch.Tensor]:
+        """The packed form of this layer (storage.py), input transform included: what a checkpoint holds."""
+        p = self.payload
+        return {**to_storage(p["codes"], p["scale"], p["zero"], p["bits"], p["fp_rows"]), **self.inp}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(fake_quant_activation(input_transform(x, self.inp), self.a_bits), self.weight, self.bias)
 
@@ -110,9 +107,8 @@ class QuantConv2d(QuantLinear):
     @classmethod
     def from_conv(cls, mod: nn.Conv2d, bits: torch.Tensor, a_bits: int,
                   t: dict[str, torch.Tensor] | None = None) -> "QuantConv2d":
-        conv = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
         w, bias, _ = transformed(mod.weight.detach(), mod.bias, t)
-        return cls(quantize_weight_codes(w, bits, t), mod.weight.shape, bias, a_bits, conv)
+        return cls(quantize_weight_codes(w, bits, t), mod.weight.shape, bias, a_bits, conv_params(mod))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits < 16:
@@ -160,9 +156,7 @@ def quantized_tensors(policy) -> dict[str, torch.Tensor]:
     out = {}
     for name, mod in policy.model.named_modules():
         if isinstance(mod, QuantLinear):
-            p = mod.payload
-            for k, v in {**to_storage(p["codes"], p["scale"], p["zero"], p["bits"], p["fp_rows"]),
-                         **mod.inp}.items():
+            for k, v in mod.storage().items():
                 out[f"{name}.q.{k}"] = v
             if mod.bias is not None:
                 out[f"{name}.bias"] = mod.bias
@@ -175,19 +169,10 @@ def quantized_tensors(policy) -> dict[str, torch.Tensor]:
 
 def _simulated(mod: nn.Module, storage: dict[str, torch.Tensor], bias, a_bits: int) -> nn.Module:
     """The fake-quant layer (dequantized weights held in fp32) that the packed storage encodes."""
-    shape = mod.weight.shape
-    bits = storage["bits"].long()
-    payload = {"codes": None, "scale": None, "zero": None, "bits": bits.to(torch.int8),
-               "fp_rows": storage["w16"].float() if "w16" in storage else torch.zeros(0)}
-    layer = QuantLinear.__new__(QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear)
-    nn.Module.__init__(layer)
-    layer.a_bits, layer.payload = a_bits, payload
-    layer.inp = {k: storage[k] for k in ("in_scale", "in_shift") if k in storage}
-    layer.register_buffer("weight", dequantize_storage(storage, shape))
-    layer.register_buffer("bias", None if bias is None else bias.detach().clone())
+    payload, inp = from_storage(storage, mod.weight.shape), input_transform_of(storage)
     if isinstance(mod, nn.Conv2d):
-        layer.conv = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
-    return layer
+        return QuantConv2d(payload, mod.weight.shape, bias, a_bits, conv_params(mod))
+    return QuantLinear(payload, mod.weight.shape, bias, a_bits, inp)
 
 
 LOADERS: dict[str, Callable] = {"real": packed_layer, "simulated": _simulated}

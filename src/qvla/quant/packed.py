@@ -13,7 +13,11 @@ import torch.nn.functional as F
 
 from qvla.quant.kernels import build_kernel
 from qvla.quant.primitives import fake_quant_activation
-from qvla.quant.storage import dequantize_storage, input_transform_of, storage_nbytes
+from qvla.quant.storage import dequantize_storage, input_transform, input_transform_of, storage_nbytes
+
+
+def conv_params(mod: nn.Conv2d) -> dict:
+    return {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
 
 
 class PackedLinear(nn.Module):
@@ -38,10 +42,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float()
-        if self.inp:
-            x2 = (x2 - self.inp.get("in_shift", 0.0)) / self.inp.get("in_scale", 1.0)
-        x2 = fake_quant_activation(x2, self.a_bits)
+        x2 = fake_quant_activation(input_transform(x.reshape(-1, self.in_features).float(), self.inp), self.a_bits)
         if self.direct:
             y = self.buckets[0][1](x2)
         else:
@@ -80,6 +81,5 @@ class PackedConv2d(nn.Module):
 def packed_layer(mod: nn.Module, storage: dict[str, torch.Tensor], bias, a_bits: int) -> nn.Module:
     """The packed replacement for an nn.Linear / nn.Conv2d of the float model."""
     if isinstance(mod, nn.Conv2d):
-        conv = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
-        return PackedConv2d(storage, mod.weight.shape, bias, a_bits, conv)
+        return PackedConv2d(storage, mod.weight.shape, bias, a_bits, conv_params(mod))
     return PackedLinear(storage, mod.weight.shape, bias, a_bits)

@@ -68,6 +68,31 @@ def input_transform_of(storage: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: storage[k].float() for k in ("in_scale", "in_shift") if k in storage}
 
 
+def input_transform(x: torch.Tensor, inp: dict[str, torch.Tensor]) -> torch.Tensor:
+    """x -> (x - in_shift) / in_scale, the activation side of a baseline's equivalent transform."""
+    if "in_shift" in inp:
+        x = x - inp["in_shift"]
+    if "in_scale" in inp:
+        x = x / inp["in_scale"]
+    return x
+
+
+def from_storage(storage: dict[str, torch.Tensor], shape) -> dict[str, torch.Tensor]:
+    """Inverse of to_storage: full-shape codes (N, K) + per-channel scale / zero / bits + 16-bit rows."""
+    bits = storage["bits"].long()
+    k = int(torch.tensor(shape[1:]).prod())
+    codes = torch.zeros(shape[0], k, dtype=torch.int8)
+    scale, zero = torch.zeros(shape[0]), torch.zeros(shape[0])
+    for b in STORED_BITS:
+        rows = bits == b
+        if rows.any():
+            c, scale[rows], zero[rows] = bucket_codes(storage, b, k)
+            codes[rows] = c.to(torch.int8)
+    fp_rows = storage["w16"].float() if "w16" in storage else torch.zeros(0, k)
+    fp_rows = fp_rows.reshape(-1, *shape[1:])  # the layer's own row shape, as quantize_weight_codes keeps it
+    return {"codes": codes, "scale": scale, "zero": zero, "bits": bits.to(torch.int8), "fp_rows": fp_rows}
+
+
 def validate_storage(storage: dict[str, torch.Tensor], shape, where: str) -> None:
     """Refuses storage whose buckets do not match its bits vector or the layer's shape."""
     if "bits" not in storage:
@@ -82,7 +107,6 @@ def validate_storage(storage: dict[str, torch.Tensor], shape, where: str) -> Non
     bad = sorted(set(bits.unique().tolist()) - {0, 2, 4, 8, 16})
     if bad:
         raise ValueError(f"{where}: bit widths {bad} not in (0, 2, 4, 8, 16)")
-    k = int(torch.tensor(shape[1:]).prod())
     for b in (*STORED_BITS, 16):
         n = int((bits == b).sum())
         key = f"w{b}"

@@ -4,19 +4,15 @@ scales (alpha = cfg.alpha) are applied when the plan is. Meant for WxA4 / WxA8 s
 error, which the bit allocation alone cannot reduce, dominates."""
 from __future__ import annotations
 
-from qvla.quant.layer_inputs import collect_inputs
 from qvla.quant.methods import QuantConfig
 from qvla.quant.methods.qvla import make_plan as qvla_plan
-from qvla.quant.methods.smoothquant import smooth_scales
+from qvla.quant.methods.smoothquant import smoothing_transforms
 
 
 def make_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None = None):
     sens, observations = calibration
     plan = qvla_plan(policy, cfg, sens, provenance)
-    mods = dict(policy.model.named_modules())
-    inputs = collect_inputs(policy, observations, list(plan.bits))
-    plan.transforms = {n: {"in_scale": smooth_scales(x.abs().amax(0), mods[n].weight.detach(), cfg.alpha)}
-                       for n, x in inputs.items()}
+    plan.transforms = smoothing_transforms(policy, observations, list(plan.bits), cfg.alpha)
     plan.method = "qvla-sq"
     plan.provenance["alpha"] = cfg.alpha
     return plan

@@ -21,11 +21,15 @@ def smooth_scales(x_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> torc
     return torch.where(x_absmax > 0, s, torch.ones_like(s)).clamp(1e-4, 1e4)
 
 
-def make_plan(policy, cfg: QuantConfig, observations, provenance: dict | None = None):
-    names = list(uniform_bits(policy, cfg))
+def smoothing_transforms(policy, observations, names: list[str], alpha: float) -> dict[str, dict[str, torch.Tensor]]:
+    """layer -> {"in_scale": s} for every Linear among `names`, from its calibration activation maxima."""
     inputs = collect_inputs(policy, observations, names)
     mods = dict(policy.model.named_modules())
-    transforms = {n: {"in_scale": smooth_scales(x.abs().amax(0), mods[n].weight.detach(), cfg.alpha)}
-                  for n, x in inputs.items()}
+    return {n: {"in_scale": smooth_scales(x.abs().amax(0), mods[n].weight.detach(), alpha)}
+            for n, x in inputs.items()}
+
+
+def make_plan(policy, cfg: QuantConfig, observations, provenance: dict | None = None):
+    transforms = smoothing_transforms(policy, observations, list(uniform_bits(policy, cfg)), cfg.alpha)
     return uniform_plan(policy, cfg, transforms, {**(provenance or {}), "alpha": cfg.alpha,
                                                    "coverage": "Linear layers smoothed; convs RTN"})
