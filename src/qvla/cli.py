@@ -10,9 +10,11 @@ from pathlib import Path
 
 
 def _demos(a: argparse.Namespace) -> None:
-    from qvla.demos import write_demos
+    from qvla.demos import parse_per_task, write_demos
+    from qvla.envs import get_suite
 
-    m = write_demos(a.suite, a.per_task, a.out, seed=a.seed, image_size=a.image_size, workers=a.workers)
+    per_task = parse_per_task(a.per_task, get_suite(a.suite).tasks)
+    m = write_demos(a.suite, per_task, a.out, seed=a.seed, image_size=a.image_size, workers=a.workers)
     print(f"kept {len(m['episodes'])} of {m['attempted']} expert episodes "
           f"(dropped {len(m['dropped'])} failed ones) -> {a.out}")
 
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demos", help="record scripted-expert demonstrations")
     d.add_argument("--suite", default="mt10")
-    d.add_argument("--per-task", type=int, required=True)
+    d.add_argument("--per-task", required=True, metavar="N[,TASK=N...]",
+                   help="expert episodes attempted per task; e.g. 40,reach=200 gives reach its own count")
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--image-size", type=int, default=96)

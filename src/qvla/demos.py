@@ -1,7 +1,8 @@
 """Demonstrations: scripted-expert episodes on disk.
 
 Format (one directory):
-    manifest.json            {"format": "qvla-demos/1", "suite", "image_size", "cameras", "per_task",
+    manifest.json            {"format": "qvla-demos/1", "suite", "image_size", "cameras",
+                              "per_task" (one count, or task -> count),
                               "seed", "episodes": [{"file", "id", "task", "instruction", "steps"}],
                               "attempted", "dropped": [{"id", "reason"}]}
     episodes/<task>-<k>.npz  arrays, T = steps: "<camera>" (T, H, W, 3) uint8 for each camera,
@@ -64,7 +65,21 @@ def _play(spec: EpisodeSpec) -> tuple[EpisodeSpec, Episode, bool]:
     return spec, episode, success
 
 
-def write_demos(suite: str, per_task: int, out: str | Path, seed: int = 0, image_size: int = 96,
+def parse_per_task(text: str, tasks) -> int | dict[str, int]:
+    """'40' -> 40; '40,reach=200,push=120' -> every task 40 except those named (a dict over `tasks`)."""
+    default, *overrides = text.split(",")
+    try:
+        base = int(default)
+        named = {k: int(v) for k, v in (o.split("=") for o in overrides)}
+    except ValueError:
+        raise ValueError(f"--per-task: expected N or N,TASK=N,..., got {text!r}") from None
+    unknown = sorted(set(named) - set(tasks))
+    if unknown:
+        raise KeyError(f"--per-task names unknown task(s) {unknown}; tasks: {list(tasks)}")
+    return {t: named.get(t, base) for t in tasks} if named else base
+
+
+def write_demos(suite: str, per_task: int | dict[str, int], out: str | Path, seed: int = 0, image_size: int = 96,
                 workers: int = 1, tasks: list[str] | None = None) -> dict:
     """Runs the experts on the suite's *train* split and writes the demo directory atomically."""
     specs = get_suite(suite).episodes("train", per_task, seed, tasks)

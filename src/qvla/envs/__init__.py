@@ -13,15 +13,18 @@ class Suite:
     tasks: dict  # task name -> TaskSpec (instruction, max_steps, ...)
     make_env: Callable[..., SuiteEnv]
 
-    def episodes(self, split: str, per_task: int, seed: int = 0,
+    def episodes(self, split: str, per_task: int | dict[str, int], seed: int = 0,
                  tasks: list[str] | None = None) -> list[EpisodeSpec]:
-        if per_task <= 0:
-            raise ValueError(f"episodes per task must be a positive integer, got {per_task}")
-        tasks = list(self.tasks) if tasks is None else tasks
+        """The first `per_task` episodes of `split` for each task; a dict gives each task its own count
+        (tasks it leaves out get none). Episode i of a task is the same whatever the count."""
+        counts = per_task if isinstance(per_task, dict) else {t: per_task for t in (tasks or self.tasks)}
+        tasks = list(counts) if tasks is None else tasks
         for t in tasks:
             if t not in self.tasks:
                 raise KeyError(f"unknown task {t!r} for suite {self.name!r}; tasks: {list(self.tasks)}")
-        return [EpisodeSpec(self.name, t, split, i, seed) for t in tasks for i in range(per_task)]
+            if counts.get(t, 0) <= 0:
+                raise ValueError(f"episodes per task must be a positive integer, got {counts.get(t, 0)} for {t!r}")
+        return [EpisodeSpec(self.name, t, split, i, seed) for t in tasks for i in range(counts[t])]
 
 
 def _mt10() -> Suite:
