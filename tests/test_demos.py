@@ -70,3 +70,15 @@ def test_read_refuses_non_demo_directories(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other/1"}))
     with pytest.raises(ValueError, match="format"):
         read_demos(tmp_path)
+
+
+def test_parse_per_task():
+    from qvla.demos import parse_per_task
+
+    tasks = ["reach", "push", "door-open"]
+    assert parse_per_task("40", tasks) == 40
+    assert parse_per_task("40,reach=200", tasks) == {"reach": 200, "push": 40, "door-open": 40}
+    with pytest.raises(KeyError, match="unknown task\\(s\\) \\['fly'\\]"):
+        parse_per_task("40,fly=2", tasks)
+    with pytest.raises(ValueError, match="expected N or N,TASK=N"):
+        parse_per_task("40,reach", tasks)

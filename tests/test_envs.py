@@ -115,3 +115,14 @@ def test_observe_before_reset_raises(suite):
             fresh.observe()
     finally:
         fresh.close()
+
+
+def test_per_task_counts_extend_the_same_episode_list(suite):
+    """A task's own count adds episodes after the common ones; episode i is the same either way."""
+    base = suite.episodes("train", 2, tasks=["reach", "push"])
+    more = suite.episodes("train", {"reach": 4, "push": 2})
+    assert [s.id for s in more if s.task == "push"] == [s.id for s in base if s.task == "push"]
+    assert [s.id for s in more if s.task == "reach"][:2] == [s.id for s in base if s.task == "reach"]
+    assert len(more) == 6
+    with pytest.raises(ValueError, match="positive integer, got 0 for 'push'"):
+        suite.episodes("train", {"reach": 1, "push": 0})

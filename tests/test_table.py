@@ -57,3 +57,14 @@ def test_run_table_refuses_unknown_methods_and_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="not of the form"):
         run_table("microvla-chunk", ["W4"], ["rtn"], 1, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_run_table_refuses_rows_made_from_other_weights(tmp_path):
+    """A resumed table never pairs the current policy with an FP run of different weights."""
+    write_eval(tmp_path / "fp.json", {"e0": True})
+    fp = json.loads((tmp_path / "fp.json").read_text())
+    (tmp_path / "fp.json").write_text(json.dumps({**fp, "weights_sha256": "0" * 64}))
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "calib" / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match="made from policy weights 000000000000.*use a new --out"):
+        run_table("microvla-chunk", ["W4A16"], ["rtn"], 1, tmp_path)

@@ -1,53 +1,39 @@
 """`make demo`: evaluate the shipped policies on MT10, then quantize microvla-chunk with QVLA at W8A8 and
-W4A16 (calibration episodes -> sensitivities -> plan -> packed checkpoint on real kernels), evaluate those
-on the same episodes, and print success next to weight memory and control-step latency."""
+W4A16 and with the RTN / SmoothQuant baselines (calibration episodes -> sensitivities -> plan -> packed
+checkpoint on real kernels), evaluate those on the same episodes, and print a compact results table:
+success next to weight memory and control-step speed."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
 from qvla.evaluate import evaluate, format_table
 from qvla.policies import POLICIES
 
-QUANTIZED = {"W8A8": (8.0, 8), "W4A16": (4.0, 16)}  # setting -> (average weight bits, activation bits)
+# The compact results table: (settings, methods) groups, each run as one `qvla table` into the same directory.
+# QVLA at W8A8 and W4A16 is the demo's main result; W4A4 shows where activation outliers hurt the baselines.
+COMPACT = [(["W8A8", "W4A16"], ["rtn", "qvla"]), (["W4A4"], ["rtn", "smoothquant", "qvla-sq"])]
 DEMO_POLICY = "microvla-chunk"
 
 
-def quantize_demo(out: Path, calib_episodes: int, episodes_per_task: int, workers: int) -> dict[str, dict]:
-    from qvla.bench import run_bench
-    from qvla.calibrate import collect
-    from qvla.quant.methods import QuantConfig
-    from qvla.quant.pipeline import quantize
+def compact_table(fp_summary: Path, out: Path, calib_episodes: int, episodes_per_task: int, workers: int) -> str:
+    """Quantize the demo policy with QVLA and two baselines, evaluate every row on the FP run's episodes
+    (real kernels), bench memory and speed; returns the table's markdown."""
+    from qvla.table import run_table
 
-    calib = out / "calib"
-    if not (calib / "manifest.json").is_file():
-        print(f"== calibrating {DEMO_POLICY}: {calib_episodes} calibration episodes ==", flush=True)
-        collect(DEMO_POLICY, "mt10", calib_episodes, calib)
-    rows = {}
-    for setting, (w, a) in QUANTIZED.items():
-        ckpt = out / f"{DEMO_POLICY}-qvla-{setting.lower()}"
-        print(f"== QVLA {setting}: sensitivity, plan, packed checkpoint -> {ckpt} ==", flush=True)
-        quantize(DEMO_POLICY, QuantConfig(method="qvla", w_bits=w, a_bits=a), calib, ckpt)
-        s = evaluate(str(ckpt), "mt10", episodes_per_task, 0, workers, out / f"{ckpt.name}.json")
-        b = run_bench(str(ckpt), out / f"{ckpt.name}-bench.json", runs=20)
-        rows[f"QVLA {setting}"] = {"summary": s, "bench": b}
-    return rows
-
-
-def format_compact(fp: dict, rows: dict[str, dict]) -> str:
-    first = next(iter(rows.values()))["bench"]
-    lines = ["| policy | success | weights (MB) | vs bf16 | control step (ms) | vs fp32 |", "|---|---|---|---|---|---|",
-             f"| {DEMO_POLICY} fp32 | {100 * fp['success_rate']:.0f}% | {first['weight_bytes_fp32'] / 2**20:.2f} | 2.00x | "
-             f"{first['latency_ms_fp32']:.1f} | 1.00x |"]
-    for name, r in rows.items():
-        s, b = r["summary"], r["bench"]
-        lines.append(f"| {name} | {100 * s['success_rate']:.0f}% | {b['weight_bytes'] / 2**20:.2f} | "
-                     f"{b['weight_ratio_bf16']:.2f}x | {b['latency_ms']:.1f} | {b['speedup_vs_fp32']:.2f}x |")
-    return "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix in (".json", ".jsonl"):  # the FP run above is the table's FP row: same episodes, not rerun
+        shutil.copyfile(fp_summary.with_suffix(suffix), (out / "fp").with_suffix(suffix))
+    for settings, methods in COMPACT:
+        print(f"== {DEMO_POLICY}: {', '.join(methods)} at {', '.join(settings)} -> {out} ==", flush=True)
+        run_table(DEMO_POLICY, settings, methods, episodes_per_task, out, calib_episodes=calib_episodes,
+                  workers=workers)
+    return (out / "table.md").read_text().split("\n", 2)[2]  # drop the heading; the caller labels it
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,11 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     cmd = f"python -m qvla.demo_run --episodes-per-task {a.episodes_per_task} --out {a.out}"
     text = f"# Full-precision success on mt10\n\n`{cmd}`\n\n{table}\n"
     if not a.no_quantize:
-        rows = quantize_demo(out, a.calib_episodes, a.episodes_per_task, a.workers)
-        compact = format_compact(summaries[DEMO_POLICY], rows)
-        text += (f"\n# {DEMO_POLICY} quantized with QVLA (real kernels; {a.episodes_per_task} episodes per task, "
-                 f"the same episodes as above: a small sample)\n\n{compact}\n")
-        table += "\n\n" + compact
+        compact = compact_table(out / f"{DEMO_POLICY}.json", out / "table", a.calib_episodes,
+                                a.episodes_per_task, a.workers)
+        label = (f"{DEMO_POLICY} quantized (compact table: {a.episodes_per_task} episodes per task, a small "
+                 f"sample; the full table at 20 per task is `qvla table`, see the README)")
+        text += f"\n# {label}\n\n{compact}\n"
+        table += f"\n\n{label}\n\n{compact}"
     (out / "table.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(
         {n: {k: s[k] for k in ("success_rate", "per_task", "episodes", "errors", "control_step_ms_median")}

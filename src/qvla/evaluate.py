@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from qvla.checkpoint import WEIGHTS, sha256
 from qvla.envs import EpisodeSpec, Observation, get_suite
 
 Observer = Callable[[EpisodeSpec, int, Observation], None]
@@ -118,7 +119,9 @@ def evaluate(policy_ref: str, suite: str = "mt10", episodes_per_task: int = 20, 
     else:
         with mp.get_context("spawn").Pool(workers, _init_worker, (ref, suite, image_size, None, kernels)) as pool:
             records = list(tqdm(pool.imap(_run, specs), total=len(specs), desc="eval", unit="ep"))
-    meta = {"policy": name, "checkpoint": ref, "suite": suite, "split": split, "seed": seed,
+    weights = Path(ref) / WEIGHTS
+    meta = {"policy": name, "checkpoint": ref, "weights_sha256": sha256(weights) if weights.is_file() else None,
+            "suite": suite, "split": split, "seed": seed,
             "episodes_per_task": episodes_per_task, "workers": workers,
             "kernels": getattr(policy, "kernels", "float"), "wall_s": round(time.time() - t0, 1),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}"}

@@ -41,12 +41,21 @@ def _done(path: Path) -> bool:
     return path.is_file() and path.with_suffix(".jsonl").is_file()
 
 
+def check_source(found: str | None, source: str, what: Path) -> None:
+    """A resumed table must not mix rows made from different weights of the same policy name."""
+    if found is not None and found != source:
+        raise ValueError(f"{what} was made from policy weights {found[:12]}, but the policy's weights are now "
+                         f"{source[:12]}; use a new --out (or delete {what})")
+
+
 def run_table(policy: str, settings: list[str], methods: list[str], episodes_per_task: int, out: str | Path,
               calib: str | Path | None = None, calib_episodes: int = 10, workers: int = 1, seed: int = 0,
               form: str = "action", bench_runs: int = 20) -> dict:
     from qvla.bench import run_bench
     from qvla.calibrate import collect
+    from qvla.checkpoint import WEIGHTS, sha256
     from qvla.evaluate import evaluate
+    from qvla.policies import resolve
     from qvla.quant.methods import METHODS, QuantConfig
     from qvla.quant.pipeline import quantize
 
@@ -62,7 +71,10 @@ def run_table(policy: str, settings: list[str], methods: list[str], episodes_per
         calib = out / "calib"
         if not (calib / "manifest.json").is_file():
             collect(policy, "mt10", calib_episodes, calib, seed)
+    source = sha256(resolve(policy) / WEIGHTS)
     fp_file = out / "fp.json"
+    if fp_file.is_file():
+        check_source(json.loads(fp_file.read_text()).get("weights_sha256"), source, fp_file)
     if not _done(fp_file):
         evaluate(policy, "mt10", episodes_per_task, seed, workers, fp_file)
     rows = []
@@ -70,7 +82,10 @@ def run_table(policy: str, settings: list[str], methods: list[str], episodes_per
         for method in methods:
             name = f"{setting.lower()}-{method}"
             ckpt, ev, bj = out / "ckpt" / name, out / f"eval-{name}.json", out / f"bench-{name}.json"
-            if not (ckpt / "config.json").is_file():
+            if (ckpt / "config.json").is_file():
+                made_from = json.loads((ckpt / "config.json").read_text())["quantization"]["source_weights_sha256"]
+                check_source(made_from, source, ckpt)
+            else:
                 quantize(policy, QuantConfig(method=method, w_bits=w, a_bits=a, form=form), calib, ckpt)
             if not _done(ev):
                 evaluate(str(ckpt), "mt10", episodes_per_task, seed, workers, ev)
