@@ -196,3 +196,75 @@ def test_packed_layer_dispatches_on_module_type():
     s_conv = QuantConv2d.from_conv(conv, cbits, 16).storage()
     assert isinstance(packed_layer(lin, s_lin, lin.bias, 16), PackedLinear)
     assert isinstance(packed_layer(conv, s_conv, conv.bias, 16), PackedConv2d)
+
+
+# ---- the output permutation folded into the next layer ----
+
+@pytest.mark.parametrize("n, k", [(17, 33), (40, 128)])
+def test_permuted_inputs_give_the_same_layer(n, k):
+    """Storage fed its inputs in another order computes the same function of the permuted input."""
+    from qvla.quant.storage import permute_inputs
+
+    mod, bits = mixed_layer(n, k, seed=3)
+    t = {"in_scale": torch.rand(k) + 0.5, "in_shift": torch.randn(k) * 0.1}
+    storage = QuantLinear.from_linear(mod, bits, 8, t).storage()
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(1))
+    moved = permute_inputs(storage, perm)
+    validate_storage(moved, (n, k), "test")
+    assert torch.equal(dequantize_storage(moved, (n, k)), dequantize_storage(storage, (n, k))[:, perm])
+    x = torch.randn(9, k)
+    with torch.no_grad():
+        ref = PackedLinear(storage, (n, k), mod.bias, 8)(x)
+        out = PackedLinear(moved, (n, k), mod.bias, 8)(x[:, perm])
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_folded_layer_emits_bucket_order_and_the_pair_is_unchanged():
+    """fc1 -> GELU -> fc2: fc1 emitting its channels by bucket (no scatter) and fc2 taking its inputs in
+    that order compute what the unfolded pair computes."""
+    from qvla.quant.packed import bucket_order
+    from qvla.quant.storage import permute_inputs
+
+    fc1, bits1 = mixed_layer(48, 32, seed=5)
+    fc2, bits2 = mixed_layer(32, 48, seed=6)
+    s1 = QuantLinear.from_linear(fc1, bits1, 16).storage()
+    s2 = QuantLinear.from_linear(fc2, bits2, 16).storage()
+    order = bucket_order(bits1)
+    assert sorted(order.tolist()) == list(range(48)) and (bits1[order][-int((bits1 == 0).sum()):] == 0).all()
+    plain1, plain2 = PackedLinear(s1, (48, 32), fc1.bias, 16), PackedLinear(s2, (32, 48), fc2.bias, 16)
+    fold1 = PackedLinear(s1, (48, 32), fc1.bias, 16, folded=True)
+    fold2 = PackedLinear(permute_inputs(s2, order), (32, 48), fc2.bias, 16)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        assert torch.allclose(fold1(x), plain1(x)[:, order], atol=1e-6)
+        ref = plain2(torch.nn.functional.gelu(plain1(x)))
+        out = fold2(torch.nn.functional.gelu(fold1(x)))
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_mixed_policy_folds_its_pairs_and_acts_as_unfolded(chunk_ckpt, tmp_path, monkeypatch, random_observation):
+    from qvla.policies import load_policy
+    from qvla.policies.microvla import MicroVLAPolicy
+    from qvla.quant.methods import METHODS, QuantConfig
+    from qvla.quant.pipeline import quantize
+
+    rtn = METHODS["rtn"]
+
+    def random_mixed(policy, cfg, data, provenance):  # every bit width in every layer
+        plan = rtn(policy, cfg, data, provenance)
+        g = torch.Generator().manual_seed(0)
+        widths = torch.tensor([16, 8, 4, 2, 0], dtype=torch.int8)
+        plan.bits = {n: widths[torch.randint(0, 5, b.shape, generator=g)] for n, b in plan.bits.items()}
+        return plan
+
+    monkeypatch.setitem(METHODS, "rtn", random_mixed)
+    path = quantize(str(chunk_ckpt), QuantConfig(method="rtn", w_bits=8, a_bits=16), None, tmp_path / "q")
+    folded = load_policy(path)
+    pairs = folded.fold_pairs()
+    assert pairs and all(folded.model.get_submodule(p).folded for p, _ in pairs)
+    monkeypatch.setattr(MicroVLAPolicy, "fold_pairs", lambda self: [])
+    plain = load_policy(path)
+    assert not any(plain.model.get_submodule(p).folded for p, _ in pairs)
+    for s in range(3):  # the int4 kernel sums in another order and rounds to bf16: ulp-level differences
+        o = random_observation(s)
+        assert np.abs(folded.act(o) - plain.act(o)).max() < 0.02

@@ -25,6 +25,12 @@ class Policy(Protocol):
         """Module name -> one of ROLES, for every quantizable (Linear / Conv) module."""
         ...
 
+    def fold_pairs(self) -> list[tuple[str, str]]:
+        """(producer, consumer) Linear pairs where the producer's outputs reach only the consumer, through
+        elementwise ops: a mixed-precision producer may emit its channels permuted, the consumer's input
+        columns absorbing the permutation. Optional; no pairs means no folding."""
+        ...
+
 
 def roles_by_prefix(model: torch.nn.Module, table: list[tuple[str, str]]) -> dict[str, str]:
     """Tags every Linear/Conv/Embedding (or a quantized layer that replaced one) with the role of the first

@@ -13,10 +13,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qvla.quant.packed import conv_params, packed_layer
+from qvla.quant.packed import bucket_order, conv_params, packed_layer
 from qvla.quant.plan import Plan, signature
 from qvla.quant.primitives import dequantize_rows, fake_quant_activation, quantize_rows
-from qvla.quant.storage import from_storage, input_transform, input_transform_of, to_storage, validate_storage
+from qvla.quant.storage import (
+    from_storage,
+    input_transform,
+    input_transform_of,
+    permute_inputs,
+    to_storage,
+    validate_storage,
+)
 
 
 TRANSFORM_KEYS = ("in_scale", "in_shift", "clip", "clip_lo", "weight", "grid_scale", "grid_zero")
@@ -178,6 +185,18 @@ def _simulated(mod: nn.Module, storage: dict[str, torch.Tensor], bias, a_bits: i
 LOADERS: dict[str, Callable] = {"real": packed_layer, "simulated": _simulated}
 
 
+def folds(policy, plan: Plan) -> dict[str, str]:
+    """producer -> consumer for the policy's foldable Linear pairs whose producer's bucket order is not
+    already the identity (so folding removes a scatter)."""
+    out = {}
+    for p, c in getattr(policy, "fold_pairs", list)():
+        if p in plan.bits and c in plan.bits:
+            order = bucket_order(plan.bits[p])
+            if not torch.equal(order, torch.arange(len(order))):
+                out[p] = c
+    return out
+
+
 def load_quantized(path: str | Path, meta: dict, kernels: str = "real"):
     """Rebuilds a quantized policy from its packed checkpoint, without running any of its code.
 
@@ -202,13 +221,19 @@ def load_quantized(path: str | Path, meta: dict, kernels: str = "real"):
                 plain[k] = tensors.get(k, state[k]) if k.endswith("bias") else state[k]
     load_state_strict(model, plain, str(path))
 
+    producers = folds(policy, plan) if kernels == "real" else {}
+    consumers = {c: p for p, c in producers.items()}
+
     def rebuild(mod: nn.Module, name: str) -> nn.Module:
         prefix = f"{name}.q."
         storage = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         validate_storage(storage, tuple(mod.weight.shape), f"checkpoint {path}: layer {name}")
         if not torch.equal(storage["bits"].long(), plan.bits[name].long()):
             raise ValueError(f"checkpoint {path}: layer {name} bits differ from the plan's")
-        return LOADERS[kernels](mod, storage, tensors.get(f"{name}.bias"), plan.a_bits)
+        if name in consumers:  # takes its inputs in the producer's bucket order
+            storage = permute_inputs(storage, bucket_order(plan.bits[consumers[name]]))
+        extra = {"folded": True} if name in producers else {}
+        return LOADERS[kernels](mod, storage, tensors.get(f"{name}.bias"), plan.a_bits, **extra)
 
     swap_modules(model, lambda m, n: n in plan.bits and type(m) in FACTORIES, rebuild)
     policy.plan, policy.checkpoint, policy.kernels = plan, str(path), kernels

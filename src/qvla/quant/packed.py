@@ -1,7 +1,10 @@
 """Layers that hold packed weights and run real integer kernels (the deployed form of a plan).
 
 PackedLinear groups output channels into buckets by bit width, runs each bucket with its kernel
-(kernels.py) and writes the bucket's outputs into their channels. PackedConv2d keeps the packed codes
+(kernels.py) and writes the bucket's outputs into their channels. Where the graph allows (a layer whose
+outputs reach only one Linear, through elementwise ops), the layer instead emits its channels in bucket
+order (`bucket_order`) and the next layer takes its inputs in that order (storage.permute_inputs): the
+permutation is folded into the next layer's weights, with no scatter at run time. PackedConv2d keeps the packed codes
 and dequantizes them per call (the micro-VLA's convs are a few thousand weights: the float conv is the
 fast path there), so its memory still follows the bits.
 """
@@ -16,6 +19,15 @@ from qvla.quant.primitives import fake_quant_activation
 from qvla.quant.storage import dequantize_storage, input_transform, input_transform_of, storage_nbytes
 
 
+BUCKET_ORDER = (8, 4, 2, 16)  # kernels run in this order; 0-bit (pruned) channels come last
+
+
+def bucket_order(bits: torch.Tensor) -> torch.Tensor:
+    """Channel indices in the order a folded PackedLinear emits them: bucket by bucket, then pruned ones."""
+    bits = bits.long()
+    return torch.cat([torch.nonzero(bits == b).flatten() for b in (*BUCKET_ORDER, 0)])
+
+
 def conv_params(mod: nn.Conv2d) -> dict:
     return {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
 
@@ -23,16 +35,21 @@ def conv_params(mod: nn.Conv2d) -> dict:
 class PackedLinear(nn.Module):
     quantized_layer = True  # module_roles() still tags it with its role
 
-    def __init__(self, storage: dict[str, torch.Tensor], shape, bias: torch.Tensor | None, a_bits: int) -> None:
+    def __init__(self, storage: dict[str, torch.Tensor], shape, bias: torch.Tensor | None, a_bits: int,
+                 folded: bool = False) -> None:
+        """folded: emit channels in bucket_order(bits) (the next layer's inputs were permuted to match)."""
         super().__init__()
         self.out_features, self.in_features = shape
-        self.a_bits = a_bits
+        self.a_bits, self.folded = a_bits, folded
         bits = storage["bits"].long()
         self.inp = input_transform_of(storage)
         self.buckets = [(torch.nonzero(bits == b).flatten(), build_kernel(b, storage, self.in_features, a_bits))
-                        for b in (8, 4, 2, 16) if (bits == b).any()]
+                        for b in BUCKET_ORDER if (bits == b).any()]
+        self.pruned = int((bits == 0).sum())
         # one bucket holding every channel in order needs no scatter
         self.direct = len(self.buckets) == 1 and len(self.buckets[0][0]) == self.out_features
+        if bias is not None and folded:
+            bias = bias[bucket_order(bits)]
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("bits", bits.to(torch.int8))
 
@@ -45,6 +62,9 @@ class PackedLinear(nn.Module):
         x2 = fake_quant_activation(input_transform(x.reshape(-1, self.in_features).float(), self.inp), self.a_bits)
         if self.direct:
             y = self.buckets[0][1](x2)
+        elif self.folded:  # bucket order: the next layer's weights take the permutation
+            parts = [kernel(x2) for _, kernel in self.buckets]
+            y = torch.cat(parts + [x2.new_zeros(x2.shape[0], self.pruned)] if self.pruned else parts, 1)
         else:
             y = x2.new_zeros(x2.shape[0], self.out_features)
             for idx, kernel in self.buckets:
@@ -78,8 +98,9 @@ class PackedConv2d(nn.Module):
         return F.conv2d(x, dequantize_storage(self.storage(), self.shape), self.bias, **self.conv)
 
 
-def packed_layer(mod: nn.Module, storage: dict[str, torch.Tensor], bias, a_bits: int) -> nn.Module:
+def packed_layer(mod: nn.Module, storage: dict[str, torch.Tensor], bias, a_bits: int,
+                 folded: bool = False) -> nn.Module:
     """The packed replacement for an nn.Linear / nn.Conv2d of the float model."""
     if isinstance(mod, nn.Conv2d):
         return PackedConv2d(storage, mod.weight.shape, bias, a_bits, conv_params(mod))
-    return PackedLinear(storage, mod.weight.shape, bias, a_bits)
+    return PackedLinear(storage, mod.weight.shape, bias, a_bits, folded)

@@ -93,6 +93,22 @@ def from_storage(storage: dict[str, torch.Tensor], shape) -> dict[str, torch.Ten
     return {"codes": codes, "scale": scale, "zero": zero, "bits": bits.to(torch.int8), "fp_rows": fp_rows}
 
 
+def permute_inputs(storage: dict[str, torch.Tensor], perm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The storage of the same layer fed its inputs in the order `perm` (new input j = old input perm[j]):
+    every row's codes and the per-input transform are permuted; per-row scales are unchanged."""
+    k = len(perm)
+    out = dict(storage)
+    for b in STORED_BITS:
+        if f"w{b}" in storage:
+            out[f"w{b}"] = pack(unpack(storage[f"w{b}"], b, k)[:, perm].contiguous(), b)
+    if "w16" in storage:
+        out["w16"] = storage["w16"].reshape(-1, k)[:, perm].contiguous()
+    for key in ("in_scale", "in_shift"):
+        if key in storage:
+            out[key] = storage[key][perm].contiguous()
+    return out
+
+
 def validate_storage(storage: dict[str, torch.Tensor], shape, where: str) -> None:
     """Refuses storage whose buckets do not match its bits vector or the layer's shape."""
     if "bits" not in storage:

@@ -90,5 +90,11 @@ class MicroVLAPolicy:
     def module_roles(self) -> dict[str, str]:
         return roles_by_prefix(self.model, ROLE_TABLE)
 
+    def fold_pairs(self) -> list[tuple[str, str]]:
+        # fc1 -> GELU -> fc2 in each ViT block and in the projector; the LLM's SwiGLU multiplies gate and up
+        # channel by channel (their bit widths differ), and the action head reuses fc1's output twice
+        blocks = [f"vision.blocks.{i}" for i in range(len(self.model.vision.blocks))]
+        return [(f"{b}.fc1", f"{b}.fc2") for b in [*blocks, "projector"]]
+
 
 __all__ = ["VARIANTS", "MicroVLAConfig", "MicroVLAPolicy", "MicroVLA"]
