@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from qvla.bench import device_info
 from qvla.quant import allocate
 from qvla.quant.apply import QuantLinear
-from qvla.quant.packed import PackedLinear
+from qvla.quant.packed import PackedLinear, bucket_order
+from qvla.quant.storage import permute_inputs
 
 PREFILL, DECODE_STEPS, PROMPT = 256 + 20, 7, 20
 LAYERS = {"decoder": 32, "dino": 24, "siglip": 27, "projector": 1, "lm_head": 1, "action_head": 1}
@@ -47,6 +48,7 @@ SHAPES = {  # kind -> {linear name: (out, in)}
 }
 HEADS = {"decoder": 32, "dino": 16, "siglip": 16}
 ERR = {16: 0.0, 8: 1.0, 4: 16.0, 2: 64.0, 0: 400.0}  # activation error of each width, relative to 8 bits
+FOLDS = {"dino": [("fc1", "fc2")], "siglip": [("fc1", "fc2")], "projector": [("fc1", "fc2"), ("fc2", "fc3")]}
 EMBED_PARAMS = 32000 * 4096  # token embedding: a table lookup, kept at 16 bits (fp32 in the fp32 form)
 
 
@@ -87,8 +89,19 @@ def uniform(bits: int):
     return lambda kind, name, n: torch.full((n,), bits, dtype=torch.long)
 
 
-def quantized(lin: nn.Linear, bits: torch.Tensor, a_bits: int) -> PackedLinear:
-    return PackedLinear(QuantLinear.from_linear(lin, bits, a_bits).storage(), lin.weight.shape, None, a_bits)
+def quantized(kind: str, linears: dict[str, nn.Linear], bits: dict[str, torch.Tensor], a_bits: int,
+              fold: bool) -> dict[str, PackedLinear]:
+    """Packed layers of one block; with fold, each GELU MLP's producer emits its channels by bucket and the
+    consumer's input columns are permuted to match (as qvla.load does for a policy's fold_pairs)."""
+    producers = dict(FOLDS.get(kind, [])) if fold else {}
+    consumers = {c: p for p, c in producers.items()}
+    out = {}
+    for name, lin in linears.items():
+        storage = QuantLinear.from_linear(lin, bits[name], a_bits).storage()
+        if name in consumers:
+            storage = permute_inputs(storage, bucket_order(bits[consumers[name]]))
+        out[name] = PackedLinear(storage, lin.weight.shape, None, a_bits, folded=name in producers)
+    return out
 
 
 class Block(nn.Module):
@@ -134,6 +147,7 @@ FORMS = {  # name -> (bits for (kind, name, n) or a plan budget, activation bits
     "qvla-8": ((8.0, False), 8, torch.float32),
     "qvla-4": ((4.0, False), 16, torch.float32),  # budget counts bits as stored (2-bit rows held as 4)
     "qvla-4-held": ((4.0, True), 16, torch.float32),  # budget counts bits as the kernels hold them
+    "qvla-4-held-scatter": ((4.0, True), 16, torch.float32),  # the same, permutation undone by index copy
 }
 
 
@@ -145,13 +159,13 @@ def build(kind: str, form: str, plans: dict) -> tuple[Block, int]:
         block = Block(kind, linears).to(dtype)
         return block, sum(m.weight.numel() for m in linears.values()) * (2 if dtype == torch.bfloat16 else 4)
     plan = plans[bits_of] if isinstance(bits_of, tuple) else None
-    swapped = {}
+    bits = {}
     for name, lin in linears.items():
         if kind == "lm_head":  # kept at 8 bits in every quantized form (a plan pin; it runs once per token)
-            bits = torch.full((lin.weight.shape[0],), 8, dtype=torch.long)
+            bits[name] = torch.full((lin.weight.shape[0],), 8, dtype=torch.long)
         else:
-            bits = plan[(kind, name)] if plan is not None else bits_of(kind, name, lin.weight.shape[0])
-        swapped[name] = quantized(lin, bits, a_bits)
+            bits[name] = plan[(kind, name)] if plan is not None else bits_of(kind, name, lin.weight.shape[0])
+    swapped = quantized(kind, linears, bits, a_bits, fold=not form.endswith("-scatter"))
     return Block(kind, swapped), sum(m.weight_nbytes for m in swapped.values())
 
 
