@@ -16,6 +16,8 @@ install: $(BIN)/python
 		apt-get update -qq && apt-get install -y -qq libegl1 libgl1 libgles2 >/dev/null; fi
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e ".[test]"
+	@# qvla's low-bit CPU kernel: built once here (cached by torch), not in the first evaluation worker
+	$(BIN)/python -c "from qvla.quant import lowbit; print('low-bit kernel:', 'built' if lowbit.available() else 'not available, using torch int4')"
 
 demo: install
 	MUJOCO_GL=egl $(BIN)/python -m qvla.demo_run --episodes-per-task $(EPISODES) --out results/demo

@@ -35,8 +35,11 @@ def cpu_name() -> str:
 
 
 def device_info(threads: int) -> dict:
+    from qvla.quant import lowbit
+
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
-            "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+            "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "lowbit_kernel": "qvla-lowbit (AVX2)" if lowbit.available() else "torch int4 (bf16)"}
 
 
 def fixed_observation(policy, seed: int = 0) -> Observation:

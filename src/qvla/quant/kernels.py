@@ -6,11 +6,13 @@ reports the bytes it holds, and maps (M, K) float32 activations to (M, rows) flo
 | bucket  | kernel                                                  | held in memory        | activations |
 |---------|---------------------------------------------------------|-----------------------|-------------|
 | 8 bits  | fbgemm dynamic int8 GEMM (torch.ops.quantized)           | int8 + fp32 scale     | 7-bit per token (see Int8Kernel) |
-| 4, 2    | torch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu)      | 4 bits + bf16 scale/zero per group | bf16 |
+| 4, 2    | qvla's AVX2 low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | fp32 |
+| 4, 2    | else torch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu) | 4 bits + bf16 scale/zero per group | bf16 |
 | 16      | float GEMM on fp16-stored rows, upcast per call          | fp16                  | fp32 |
 
-2-bit rows run through the int4 kernel (a 2-bit code is a 4-bit code with the same scale), so in
-memory they take 4 bits; on disk they take 2. No 2-bit or int4 x int4 kernel exists for this CPU.
+The low-bit kernel runs up to LOWBIT_TOKENS tokens by streaming the packed rows (decode steps); longer
+inputs expand the rows to fp32 once per call and use the float GEMM (prefill). With torch's kernel,
+2-bit rows run as 4-bit codes with the same scale, so in memory they take 4 bits (on disk 2).
 A4 activations are rounded to their 4-bit grid first and then run through the int8 kernel (4-bit
 values are exact int8 values up to the kernel's own rounding).
 """
@@ -105,6 +107,32 @@ class Int4Kernel:
         return y[:, : self.n].float()
 
 
+LOWBIT_TOKENS = 16  # up to this many tokens the low-bit kernel streams packed rows; beyond, expand + GEMM
+
+
+class LowBitKernel:
+    """qvla's 2/4-bit kernel (lowbit.py): rows stay at their own bit width in memory, fp32 arithmetic."""
+
+    name = "qvla-lowbit"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> None:
+        from qvla.quant.lowbit import BLOCK, block_pack, extension
+
+        self.ext, self.bits = extension(), bits
+        n, k = codes.shape
+        self.n, self.k, self.pad = n, k, _ceil(k, BLOCK) - k
+        self.packed = block_pack(F.pad(codes.to(torch.uint8), (0, self.pad)), bits)
+        self.scale, self.zero = scale.float().contiguous(), zero.float().contiguous()
+        self.nbytes = self.packed.numel() + 4 * (self.scale.numel() + self.zero.numel())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= LOWBIT_TOKENS:
+            return self.ext.mm(F.pad(x, (0, self.pad)) if self.pad else x, self.packed, self.scale, self.zero,
+                               self.bits)
+        w = self.ext.dequant(self.packed, self.scale, self.zero, self.bits, self.k + self.pad)
+        return F.linear(x, w[:, : self.k] if self.pad else w)
+
+
 class HalfKernel:
     """Rows kept at 16 bits: stored fp16, upcast per call."""
 
@@ -127,4 +155,6 @@ def build_kernel(bits: int, storage: dict[str, torch.Tensor], k: int, a_bits: in
     codes, scale, zero = bucket_codes(storage, bits, k)
     if bits == 8:
         return Int8Kernel(codes, scale, passes=2 if a_bits >= 16 else 1)
-    return Int4Kernel(codes, scale, zero)
+    from qvla.quant.lowbit import available
+
+    return LowBitKernel(codes, scale, zero, bits) if available() else Int4Kernel(codes, scale, zero)

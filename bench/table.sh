@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The full results table of one policy, then the bits sweep into the same directory (the sweep reuses the
+# table's FP run, calibration and W4A16 rows). Every row is paired with FP on the same episodes.
+# Usage: bench/table.sh POLICY [EPISODES_PER_TASK] [FORM]  -> results/table/<policy>/{table.md,sweep.png,...}
+# Rerunning resumes: finished rows are kept, rows made from other policy weights are refused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+P=$1; N=${2:-20}; FORM=${3:-action}
+OUT=results/table/$P
+Q=".venv/bin/qvla table --policy $P --calib $OUT/calib --form $FORM --episodes-per-task $N --workers 2 --out $OUT"
+mkdir -p "$OUT"
+[ -f "$OUT/calib/manifest.json" ] || .venv/bin/qvla calibrate --policy "$P" --episodes 10 --out "$OUT/calib"
+$Q --settings W8A8,W4A16,W4A4 --methods rtn,smoothquant,qvla
+$Q --settings W4A16 --methods awq,gptq,omniquant
+$Q --settings W4A4 --methods omniquant
+$Q --settings W8A8,W4A4 --methods qvla-sq
+.venv/bin/python bench/sweep.py --policy "$P" --calib "$OUT/calib" --form "$FORM" --episodes-per-task "$N" --out "$OUT"
