@@ -1,0 +1,85 @@
+"""One 4096x4096 (and 11008x4096) layer at the token counts a VLA control step runs: qvla's low-bit kernel
+(streamed rows, and rows expanded for the float GEMM), torch's int4 kernel, the int8 kernel, fp32 and bf16.
+Chooses where the low-bit kernel should switch from streaming to expanding (kernels.LOWBIT_TOKENS).
+
+    python bench/lowbit_tokens.py --out results/scale/lowbit-tokens-cpu.json      # ~2 min on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qvla.bench import device_info
+from qvla.quant import lowbit
+from qvla.quant.kernels import Int4Kernel, Int8Kernel, LowBitKernel
+
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 276)
+
+
+def median_ms(fn, runs: int) -> float:
+    fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=20)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if not lowbit.available():
+        print("the low-bit kernel is not available on this machine", file=sys.stderr)
+        return 1
+    ext = lowbit.extension()
+    g = torch.Generator().manual_seed(0)
+    result = {"device": device_info(a.threads), "runs": a.runs, "shapes": {}}
+    for n, k in ((4096, 4096), (11008, 4096)):
+        w = torch.randn(n, k, generator=g) / k**0.5
+        codes4 = torch.randint(0, 16, (n, k), generator=g)
+        scale, zero = torch.rand(n, generator=g) * 0.01, torch.full((n,), 8.0)
+        lb4 = LowBitKernel(codes4, scale, zero, 4)
+        lb2 = LowBitKernel(codes4 % 4, scale, torch.full((n,), 2.0), 2)
+        i4 = Int4Kernel(codes4, scale, zero)
+        i8 = Int8Kernel(torch.randint(-127, 128, (n, k), generator=g), scale, passes=1)
+        wb = w.bfloat16()
+        rows = {}
+        for m in TOKENS:
+            x = torch.randn(m, k, generator=g)
+            xb = x.bfloat16()
+            r = {
+                "fp32": median_ms(lambda: F.linear(x, w), a.runs),
+                "bf16": median_ms(lambda: F.linear(xb, wb), a.runs),
+                "int8_a8": median_ms(lambda: i8(x), a.runs),
+                "torch_int4": median_ms(lambda: i4(x), a.runs),
+                "lowbit4_stream": median_ms(lambda: ext.mm(x, lb4.packed, lb4.scale, lb4.zero, 4), a.runs),
+                "lowbit4_expand": median_ms(
+                    lambda: F.linear(x, ext.dequant(lb4.packed, lb4.scale, lb4.zero, 4, k)), a.runs),
+                "lowbit2_stream": median_ms(lambda: ext.mm(x, lb2.packed, lb2.scale, lb2.zero, 2), a.runs),
+                "lowbit4_kernel": median_ms(lambda: lb4(x), a.runs),
+            }
+            r["lowbit4_kernel_vs_bf16"] = r["bf16"] / r["lowbit4_kernel"]
+            r["lowbit2_stream_vs_bf16"] = r["bf16"] / r["lowbit2_stream"]
+            rows[m] = r
+            print(n, k, m, {key: round(v, 2) for key, v in r.items()}, file=sys.stderr, flush=True)
+        result["shapes"][f"{n}x{k}"] = rows
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
