@@ -2,7 +2,7 @@
 budget (uniform methods only have 8, 4 or 2 bits: the baseline at budget b is the best of them at the
 largest uniform width <= b). Weight-only (A16). Success vs average bits as PNG + JSON.
 
-    python bench/sweep.py --policy microvla-chunk --calib results/qvla/microvla-chunk/calib \
+    python bench/sweep.py --policy microvla-chunk --calib results/table/microvla-chunk/calib \
         --episodes-per-task 10 --out results/sweep/microvla-chunk
 Checkpoints and evaluations go through `qvla table` into the same directory, so a rerun resumes.
 """
