@@ -145,9 +145,9 @@ FORMS = {  # name -> (bits for (kind, name, n) or a plan budget, activation bits
     "w8a8": (uniform(8), 8, torch.float32),
     "w4a16": (uniform(4), 16, torch.float32),
     "qvla-8": ((8.0, False), 8, torch.float32),
-    "qvla-4": ((4.0, False), 16, torch.float32),  # budget counts bits as stored (2-bit rows held as 4)
-    "qvla-4-held": ((4.0, True), 16, torch.float32),  # budget counts bits as the kernels hold them
-    "qvla-4-held-scatter": ((4.0, True), 16, torch.float32),  # the same, permutation undone by index copy
+    "qvla-4": ((4.0, False), 16, torch.float32),  # budget counts bits as stored (= held by qvla's kernel)
+    "qvla-4-held": ((4.0, True), 16, torch.float32),  # 2-bit rows counted as 4 (torch int4 fallback)
+    "qvla-4-scatter": ((4.0, False), 16, torch.float32),  # qvla-4 with the permutation undone by index copy
 }
 
 

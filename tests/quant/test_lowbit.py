@@ -25,21 +25,22 @@ needs_kernel = pytest.mark.skipif(not lowbit.available(), reason="no AVX2/FMA on
 @given(bits=st.sampled_from([2, 4]), rows=st.integers(1, 5), blocks=st.integers(1, 4), seed=st.integers(0, 99))
 def test_block_pack_round_trip(bits, rows, blocks, seed):
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2**bits, (rows, 32 * blocks), generator=g)
+    k = lowbit.block_codes(bits) * blocks
+    codes = torch.randint(0, 2**bits, (rows, k), generator=g)
     packed = lowbit.block_pack(codes, bits)
-    assert packed.shape == (rows, 32 * blocks * bits // 8) and packed.dtype == torch.uint8
-    assert torch.equal(lowbit.block_unpack(packed, bits, 32 * blocks).long(), codes)
+    assert packed.shape == (rows, k * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(lowbit.block_unpack(packed, bits, k).long(), codes)
 
 
 def test_block_pack_refuses_a_ragged_row():
-    with pytest.raises(ValueError, match="multiple of 32"):
-        lowbit.block_pack(torch.zeros(2, 33, dtype=torch.uint8), 4)
+    with pytest.raises(ValueError, match="multiple of 64 at 4 bits"):
+        lowbit.block_pack(torch.zeros(2, 96, dtype=torch.uint8), 4)
 
 
 @needs_kernel
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("n, k", [(5, 33), (17, 64), (64, 300)])
-@pytest.mark.parametrize("tokens", [1, 9, LOWBIT_TOKENS + 1, 276])
+@pytest.mark.parametrize("n, k", [(5, 33), (17, 64), (64, 300), (600, 64)])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 9, LOWBIT_TOKENS + 1, 276])
 def test_kernel_computes_the_dequantized_product(bits, n, k, tokens):
     g = torch.Generator().manual_seed(n * k + tokens)
     codes = torch.randint(0, 2**bits, (n, k), generator=g)

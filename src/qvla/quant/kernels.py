@@ -107,7 +107,8 @@ class Int4Kernel:
         return y[:, : self.n].float()
 
 
-LOWBIT_TOKENS = 16  # up to this many tokens the low-bit kernel streams packed rows; beyond, expand + GEMM
+LOWBIT_TOKENS = 8  # up to this many tokens the low-bit kernel streams packed rows; beyond, expand + GEMM
+EXPAND_ROWS = 256  # rows expanded to fp32 at a time beyond LOWBIT_TOKENS (4 MB at K = 4096)
 
 
 class LowBitKernel:
@@ -116,21 +117,27 @@ class LowBitKernel:
     name = "qvla-lowbit"
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> None:
-        from qvla.quant.lowbit import BLOCK, block_pack, extension
+        from qvla.quant.lowbit import block_codes, block_pack, extension
 
         self.ext, self.bits = extension(), bits
         n, k = codes.shape
-        self.n, self.k, self.pad = n, k, _ceil(k, BLOCK) - k
+        self.n, self.k, self.pad = n, k, _ceil(k, block_codes(bits)) - k
         self.packed = block_pack(F.pad(codes.to(torch.uint8), (0, self.pad)), bits)
         self.scale, self.zero = scale.float().contiguous(), zero.float().contiguous()
         self.nbytes = self.packed.numel() + 4 * (self.scale.numel() + self.zero.numel())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xp = F.pad(x, (0, self.pad)) if self.pad else x
         if x.shape[0] <= LOWBIT_TOKENS:
-            return self.ext.mm(F.pad(x, (0, self.pad)) if self.pad else x, self.packed, self.scale, self.zero,
-                               self.bits)
-        w = self.ext.dequant(self.packed, self.scale, self.zero, self.bits, self.k + self.pad)
-        return F.linear(x, w[:, : self.k] if self.pad else w)
+            return self.ext.mm(xp, self.packed, self.scale, self.zero, self.bits)
+        # many tokens: expand EXPAND_ROWS rows at a time to fp32 (a few MB, reused by the allocator) for the
+        # float GEMM, rather than the whole layer at once
+        y = x.new_empty(x.shape[0], self.n)
+        for r in range(0, self.n, EXPAND_ROWS):
+            e = min(self.n, r + EXPAND_ROWS)
+            w = self.ext.dequant(self.packed[r:e], self.scale[r:e], self.zero[r:e], self.bits, self.k + self.pad)
+            y[:, r:e] = F.linear(xp, w)
+        return y
 
 
 class HalfKernel:

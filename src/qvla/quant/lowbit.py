@@ -2,8 +2,9 @@
 
 torch's CPU int4 kernel computes in bf16, which CPUs without bf16 instructions emulate: at one token it
 is compute-bound at a third of the memory bandwidth, and it holds 2-bit rows as 4 bits. This kernel keeps
-2-bit rows at 2 bits, expands 32 codes at a time in registers and multiplies them in fp32, so a single
-token streams the packed weights at memory speed. For many tokens the packed rows are expanded to fp32
+2-bit rows at 2 bits, expands 8 codes at a time in registers with a shift and a mask (no cross-lane
+shuffles) and multiplies them in fp32 with independent accumulators, so a single token streams the
+packed weights close to memory speed. For many tokens the packed rows are expanded to fp32
 once per call and multiplied by the float GEMM (the expansion is then a small part of the work).
 
 `available()` is False where the CPU lacks AVX2/FMA, no C++ compiler is found, or QVLA_LOWBIT=0; the
@@ -20,7 +21,6 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "lowbit.cpp"
-BLOCK = 32  # codes per block of the kernel's layout
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -53,23 +53,30 @@ def available() -> bool:
     return extension() is not None
 
 
+def block_codes(bits: int) -> int:
+    """Codes per 32-byte block of the kernel's layout: 64 at 4 bits, 128 at 2 bits (K is padded to it)."""
+    return 256 // bits
+
+
 def block_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(N, K) codes in [0, 2**bits), K a multiple of 32 -> (N, K*bits/8) uint8 in the kernel's block layout:
-    4 bits: byte j of a block = code j | code j+16 << 4; 2 bits: byte j = codes j, j+8, j+16, j+24."""
+    """(N, K) codes in [0, 2**bits), K a multiple of block_codes(bits) -> (N, K*bits/8) uint8 in the kernel's
+    layout: a block is eight little-endian 32-bit lanes; lane j holds codes 8i + j in bit field i."""
     n, k = codes.shape
-    if k % BLOCK:
-        raise ValueError(f"block_pack: K must be a multiple of {BLOCK}, got {k}")
-    per = 8 // bits
-    c = codes.to(torch.uint8).reshape(n, k // BLOCK, per, BLOCK // per)
-    out = torch.zeros(n, k // BLOCK, BLOCK // per, dtype=torch.uint8)
-    for i in range(per):
-        out |= c[:, :, i, :] << (bits * i)
-    return out.reshape(n, k * bits // 8).contiguous()
+    per_block = block_codes(bits)
+    if k % per_block:
+        raise ValueError(f"block_pack: K must be a multiple of {per_block} at {bits} bits, got {k}")
+    fields = 32 // bits
+    c = codes.to(torch.int64).reshape(n, k // per_block, fields, 8)
+    shifts = (torch.arange(fields) * bits).view(1, 1, fields, 1)
+    lanes = (c << shifts).sum(2)  # disjoint bit fields: the sum is their OR
+    lanes = torch.where(lanes >= 2**31, lanes - 2**32, lanes).to(torch.int32)
+    return lanes.contiguous().view(torch.uint8).reshape(n, k * bits // 8)
 
 
 def block_unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Inverse of block_pack -> (N, k) uint8 codes."""
-    n, per = packed.shape[0], 8 // bits
-    b = packed.reshape(n, k // BLOCK, 1, BLOCK // per)
-    shifts = torch.arange(per, dtype=torch.uint8).view(1, 1, per, 1) * bits
-    return ((b >> shifts) & (2**bits - 1)).reshape(n, k)
+    n, fields = packed.shape[0], 32 // bits
+    lanes = packed.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    lanes = lanes.reshape(n, k // block_codes(bits), 1, 8)
+    shifts = (torch.arange(fields) * bits).view(1, 1, fields, 1)
+    return ((lanes >> shifts) & (2**bits - 1)).reshape(n, k).to(torch.uint8)
