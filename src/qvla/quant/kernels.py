@@ -107,7 +107,7 @@ class Int4Kernel:
         return y[:, : self.n].float()
 
 
-LOWBIT_TOKENS = 8  # up to this many tokens the low-bit kernel streams packed rows; beyond, expand + GEMM
+LOWBIT_TOKENS = 16  # up to this many tokens the low-bit kernel streams packed rows; beyond, expand + GEMM
 EXPAND_ROWS = 256  # rows expanded to fp32 at a time beyond LOWBIT_TOKENS (4 MB at K = 4096)
 
 
