@@ -1,5 +1,5 @@
-"""qvla's 2/4-bit CPU kernel: its block layout, its products on both paths (streamed rows for few tokens,
-expanded rows + float GEMM for many), the bytes it holds, and the fallback to torch's int4 kernel."""
+"""qvla's 2/4-bit CPU kernel: its block layout, its products on both paths (integer dot products for few
+tokens, expanded rows + float GEMM for many), the bytes it holds, and the fallback to torch's int4 kernel."""
 from __future__ import annotations
 
 import pytest
@@ -49,7 +49,9 @@ def test_kernel_computes_the_dequantized_product(bits, n, k, tokens):
     ref = x @ ((codes.float() - zero[:, None]) * scale[:, None]).t()
     out = LowBitKernel(codes, scale, zero, bits)(x)
     assert out.shape == (tokens, n)
-    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    # few tokens: ~14-bit activations (two int8 passes); many: fp32
+    tol = 2e-4 if tokens <= LOWBIT_TOKENS else 1e-5
+    assert ((out - ref).norm() / ref.norm()).item() < tol
 
 
 @needs_kernel

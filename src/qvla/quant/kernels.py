@@ -6,7 +6,7 @@ reports the bytes it holds, and maps (M, K) float32 activations to (M, rows) flo
 | bucket  | kernel                                                  | held in memory        | activations |
 |---------|---------------------------------------------------------|-----------------------|-------------|
 | 8 bits  | fbgemm dynamic int8 GEMM (torch.ops.quantized)           | int8 + fp32 scale     | 7-bit per token (see Int8Kernel) |
-| 4, 2    | qvla's AVX2 low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | fp32 |
+| 4, 2    | qvla's AVX2 low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | int8, 2 passes (<= 16 tokens); fp32 beyond |
 | 4, 2    | else torch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu) | 4 bits + bf16 scale/zero per group | bf16 |
 | 16      | float GEMM on fp16-stored rows, upcast per call          | fp16                  | fp32 |
 
@@ -112,7 +112,9 @@ EXPAND_ROWS = 256  # rows expanded to fp32 at a time beyond LOWBIT_TOKENS (4 MB 
 
 
 class LowBitKernel:
-    """qvla's 2/4-bit kernel (lowbit.py): rows stay at their own bit width in memory, fp32 arithmetic."""
+    """qvla's 2/4-bit kernel (lowbit.py): rows stay at their own bit width in memory. Up to LOWBIT_TOKENS
+    tokens: int8 x low-bit integer dot products (two activation passes, ~14-bit); beyond: rows expanded to
+    fp32, EXPAND_ROWS at a time, for the float GEMM."""
 
     name = "qvla-lowbit"
 

@@ -1,10 +1,11 @@
-"""qvla's own 2/4-bit weight kernel for x86 CPUs (csrc/lowbit.cpp, AVX2 + FMA), built on first use.
+"""qvla's own 2/4-bit weight kernel for x86 CPUs (csrc/lowbit.cpp, AVX2), built on first use.
 
 torch's CPU int4 kernel computes in bf16, which CPUs without bf16 instructions emulate: at one token it
 is compute-bound at a third of the memory bandwidth, and it holds 2-bit rows as 4 bits. This kernel keeps
-2-bit rows at 2 bits, expands 8 codes at a time in registers with a shift and a mask (no cross-lane
-shuffles) and multiplies them in fp32 with independent accumulators, so a single token streams the
-packed weights close to memory speed. For many tokens the packed rows are expanded to fp32
+2-bit rows at 2 bits and multiplies them with the activations in integers, 32 codes per instruction
+(the activations are rounded per token to int8 in two passes, the second carrying the first one's
+residual: ~14-bit, as qvla's int8 kernel does for A16), so a single token streams the packed weights
+at close to memory speed. For many tokens the packed rows are expanded to fp32
 once per call and multiplied by the float GEMM (the expansion is then a small part of the work).
 
 `available()` is False where the CPU lacks AVX2/FMA, no C++ compiler is found, or QVLA_LOWBIT=0; the
@@ -60,23 +61,22 @@ def block_codes(bits: int) -> int:
 
 def block_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """(N, K) codes in [0, 2**bits), K a multiple of block_codes(bits) -> (N, K*bits/8) uint8 in the kernel's
-    layout: a block is eight little-endian 32-bit lanes; lane j holds codes 8i + j in bit field i."""
+    layout: in each 32-byte block, byte j holds codes j, j+32, j+64, ... in its bit fields 0, 1, ..."""
     n, k = codes.shape
     per_block = block_codes(bits)
     if k % per_block:
         raise ValueError(f"block_pack: K must be a multiple of {per_block} at {bits} bits, got {k}")
-    fields = 32 // bits
-    c = codes.to(torch.int64).reshape(n, k // per_block, fields, 8)
-    shifts = (torch.arange(fields) * bits).view(1, 1, fields, 1)
-    lanes = (c << shifts).sum(2)  # disjoint bit fields: the sum is their OR
-    lanes = torch.where(lanes >= 2**31, lanes - 2**32, lanes).to(torch.int32)
-    return lanes.contiguous().view(torch.uint8).reshape(n, k * bits // 8)
+    fields = 8 // bits
+    c = codes.to(torch.uint8).reshape(n, k // per_block, fields, 32)
+    out = torch.zeros(n, k // per_block, 32, dtype=torch.uint8)
+    for i in range(fields):
+        out |= c[:, :, i, :] << (bits * i)
+    return out.reshape(n, k * bits // 8).contiguous()
 
 
 def block_unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Inverse of block_pack -> (N, k) uint8 codes."""
-    n, fields = packed.shape[0], 32 // bits
-    lanes = packed.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    lanes = lanes.reshape(n, k // block_codes(bits), 1, 8)
-    shifts = (torch.arange(fields) * bits).view(1, 1, fields, 1)
-    return ((lanes >> shifts) & (2**bits - 1)).reshape(n, k).to(torch.uint8)
+    n, fields = packed.shape[0], 8 // bits
+    b = packed.reshape(n, k // block_codes(bits), 1, 32)
+    shifts = (torch.arange(fields, dtype=torch.uint8) * bits).view(1, 1, fields, 1)
+    return ((b >> shifts) & (2**bits - 1)).reshape(n, k)

@@ -1,84 +1,91 @@
-// Low-bit weight GEMM for x86 CPUs with AVX2 + FMA: 4-bit and 2-bit weights stay packed in memory and
-// are expanded to fp32 in registers, next to the activations that use them.
+// Low-bit weight GEMM for x86 CPUs with AVX2: 4-bit and 2-bit weights stay packed in memory; a token is
+// multiplied with them in integers, 32 codes at a time (vpmaddubsw: unsigned codes x signed int8
+// activations), as the int8 GEMMs of fbgemm and llama.cpp do.
 //
-// Layout (made by qvla.quant.lowbit.block_pack): each row of K codes is cut into blocks of 32 bytes
-// (64 codes at 4 bits, 128 at 2 bits; K is padded to a whole block). A block is read as eight 32-bit
-// lanes; lane j holds codes 8i + j of the block in its bit field i (bits [i*Bits, (i+1)*Bits)). So a
-// shift by i*Bits and a mask give codes 8i .. 8i+7 in order, one per lane, with no cross-lane shuffles.
-// A row's weights are w[k] = (code[k] - zero) * scale, so  y = scale * (x . code) - scale * zero * sum(x).
+// Layout (made by qvla.quant.lowbit.block_pack): each row of K codes is cut into blocks of 32 bytes (64
+// codes at 4 bits, 128 at 2 bits; K is padded to a whole block). Byte j of a block holds codes j, j + 32,
+// j + 64, ... in its bit fields 0, 1, ... (Bits wide each). So a shift by i*Bits and a mask give the
+// block's codes 32i .. 32i+31 in order, as 32 bytes.
+//
+// Activations come as int8 codes per token, q[m, k], with a scale per token and pass (the caller splits
+// x = s1 * q1 + s2 * q2: the second pass carries the first one's rounding residual, ~14-bit in all).
+// A row's weights are w[k] = (code[k] - zero) * scale, so
+//   y[m, n] = scale[n] * (sum_p s_p[m] * (code . q_p[m])) - scale[n] * zero[n] * sum(x[m]).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
 }
 
 template <int Bits>
 constexpr int64_t codes_per_block() { return 256 / Bits; }
 
-// TM tokens share one pass over the rows; C independent accumulators per token hide the FMA latency.
+// D[t, r] = code[r] . q[t] (int32) for TM tokens (rows of q, each K int8) sharing one pass over the rows.
 template <int Bits, int TM>
-void gemm_rows(const float* x, int64_t k, const uint8_t* packed, const float* scale, const float* zero,
-               const float* xsum, float* y, int64_t n, int64_t t0, int64_t r0, int64_t r1) {
-  constexpr int fields = 32 / Bits;
-  constexpr int C = TM == 1 ? 8 : (TM == 2 ? 4 : 2);
+void dot_rows(const int8_t* q, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t t0, int64_t r0,
+              int64_t r1) {
+  constexpr int fields = 8 / Bits;
   constexpr int64_t cpb = codes_per_block<Bits>();
   const int64_t blocks = k / cpb;
-  const __m256i mask = _mm256_set1_epi32((1 << Bits) - 1);
+  const __m256i mask = _mm256_set1_epi8((1 << Bits) - 1), ones = _mm256_set1_epi16(1);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* p = packed + r * blocks * 32;
-    __m256 acc[TM][C];
-    for (int t = 0; t < TM; ++t)
-      for (int c = 0; c < C; ++c) acc[t][c] = _mm256_setzero_ps();
+    __m256i acc[TM][2];
+    for (int t = 0; t < TM; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
     for (int64_t b = 0; b < blocks; ++b) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * 32));
-#pragma GCC unroll 16
-      for (int i = 0; i < fields; ++i) {
-        const __m256 w = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, Bits * i), mask));
 #pragma GCC unroll 4
-        for (int t = 0; t < TM; ++t)
-          acc[t][i % C] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (t0 + t) * k + b * cpb + 8 * i), acc[t][i % C]);
+      for (int i = 0; i < fields; ++i) {
+        const __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, Bits * i), mask);  // 32 codes, in order
+#pragma GCC unroll 4
+        for (int t = 0; t < TM; ++t) {
+          const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (t0 + t) * k + b * cpb + 32 * i));
+          // pairs of code * q summed to int16 (|.| <= 2 * 15 * 127: no saturation), then pairs to int32
+          acc[t][i & 1] = _mm256_add_epi32(acc[t][i & 1], _mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones));
+        }
       }
     }
-    for (int t = 0; t < TM; ++t) {
-      __m256 sum = acc[t][0];
-      for (int c = 1; c < C; ++c) sum = _mm256_add_ps(sum, acc[t][c]);
-      y[(t0 + t) * n + r] = scale[r] * (hsum(sum) - zero[r] * xsum[t0 + t]);
-    }
+    for (int t = 0; t < TM; ++t) d[(t0 + t) * n + r] = hsum_epi32(_mm256_add_epi32(acc[t][0], acc[t][1]));
   }
 }
 
 template <int Bits>
-void gemm_tokens(const float* x, int64_t m, int64_t k, const uint8_t* packed, const float* scale,
-                 const float* zero, const float* xsum, float* y, int64_t n, int64_t r0, int64_t r1) {
+void dot_tokens(const int8_t* q, int64_t m, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t r0,
+                int64_t r1) {
   int64_t t0 = 0;
-  for (; t0 + 4 <= m; t0 += 4) gemm_rows<Bits, 4>(x, k, packed, scale, zero, xsum, y, n, t0, r0, r1);
-  if (m - t0 == 3) gemm_rows<Bits, 3>(x, k, packed, scale, zero, xsum, y, n, t0, r0, r1);
-  if (m - t0 == 2) gemm_rows<Bits, 2>(x, k, packed, scale, zero, xsum, y, n, t0, r0, r1);
-  if (m - t0 == 1) gemm_rows<Bits, 1>(x, k, packed, scale, zero, xsum, y, n, t0, r0, r1);
+  for (; t0 + 4 <= m; t0 += 4) dot_rows<Bits, 4>(q, k, packed, d, n, t0, r0, r1);
+  if (m - t0 == 3) dot_rows<Bits, 3>(q, k, packed, d, n, t0, r0, r1);
+  if (m - t0 == 2) dot_rows<Bits, 2>(q, k, packed, d, n, t0, r0, r1);
+  if (m - t0 == 1) dot_rows<Bits, 1>(q, k, packed, d, n, t0, r0, r1);
 }
 
 template <int Bits>
 void dequant_rows(const uint8_t* packed, const float* scale, const float* zero, int64_t k, float* w_out,
                   int64_t r0, int64_t r1) {
-  constexpr int fields = 32 / Bits;
+  constexpr int fields = 8 / Bits;
   constexpr int64_t cpb = codes_per_block<Bits>();
   const int64_t blocks = k / cpb;
-  const __m256i mask = _mm256_set1_epi32((1 << Bits) - 1);
+  const __m256i mask = _mm256_set1_epi8((1 << Bits) - 1);
   for (int64_t r = r0; r < r1; ++r) {
     const __m256 s = _mm256_set1_ps(scale[r]), z = _mm256_set1_ps(zero[r]);
     for (int64_t b = 0; b < blocks; ++b) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + (r * blocks + b) * 32));
       float* o = w_out + r * k + b * cpb;
       for (int i = 0; i < fields; ++i) {
-        const __m256 w = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, Bits * i), mask));
-        _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(_mm256_sub_ps(w, z), s));
+        const __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, Bits * i), mask);
+        const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int j = 0; j < 4; ++j) {
+          const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
+          _mm256_storeu_ps(o + 32 * i + 8 * j, _mm256_mul_ps(_mm256_sub_ps(w, z), s));
+        }
       }
     }
   }
@@ -99,21 +106,68 @@ void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch:
 
 }  // namespace
 
-// x (M, K) fp32 -> (M, N) fp32, streaming the packed weights once per 4 tokens.
+// q (M, K) int8 activation codes -> (M, N) int32 dot products with the packed rows, streaming the rows
+// once per 4 tokens.
+torch::Tensor lowbit_dot(torch::Tensor q, torch::Tensor packed, int64_t bits) {
+  TORCH_CHECK(bits == 2 || bits == 4, "lowbit: bits must be 2 or 4, got ", bits);
+  TORCH_CHECK(q.dtype() == torch::kInt8 && q.dim() == 2, "lowbit: q must be 2-D int8");
+  const int64_t k = q.size(1), m = q.size(0), n = packed.size(0);
+  TORCH_CHECK(k % (256 / bits) == 0, "lowbit: K must be a multiple of ", 256 / bits, " at ", bits, " bits, got ", k);
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous() &&
+              packed.size(1) == k * bits / 8, "lowbit: packed must be contiguous uint8 (N, K*bits/8)");
+  q = q.contiguous();
+  auto d = torch::empty({m, n}, q.options().dtype(torch::kInt32));
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    auto fn = bits == 4 ? dot_tokens<4> : dot_tokens<2>;
+    fn(q.data_ptr<int8_t>(), m, k, packed.data_ptr<uint8_t>(), d.data_ptr<int32_t>(), n, r0, r1);
+  });
+  return d;
+}
+
+// x (M, K) fp32 -> (M, N) fp32: each token rounded to int8 in two passes (the second carries the first
+// one's residual), integer dot products with the packed rows, then the float epilogue.
 torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero,
                         int64_t bits) {
-  const int64_t k = x.size(1), m = x.size(0), n = packed.size(0);
-  check(packed, scale, zero, bits, k);
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "lowbit: x must be 2-D fp32");
+  check(packed, scale, zero, bits, x.size(1));
   x = x.contiguous();
-  auto xsum = x.sum(1).contiguous();
-  auto y = torch::empty({m, n}, x.options());
+  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
+  auto q = torch::empty({2 * m, k}, x.options().dtype(torch::kInt8));
+  std::vector<double> s(2 * m), xsum(m);
+  std::vector<float> r(k);
   const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  for (int64_t t = 0; t < m; ++t) {
+    const float* xt = xp + t * k;
+    double sum = 0;
+    for (int64_t j = 0; j < k; ++j) { r[j] = xt[j]; sum += xt[j]; }
+    xsum[t] = sum;
+    for (int pass = 0; pass < 2; ++pass) {
+      float amax = 0;
+      for (int64_t j = 0; j < k; ++j) amax = std::max(amax, std::fabs(r[j]));
+      const float step = amax > 0 ? amax / 127.f : 1.f;
+      int8_t* qt = qp + (pass * m + t) * k;
+      for (int64_t j = 0; j < k; ++j) {
+        const float c = std::nearbyint(std::min(127.f, std::max(-127.f, r[j] / step)));
+        qt[j] = static_cast<int8_t>(c);
+        r[j] -= c * step;
+      }
+      s[pass * m + t] = step;
+    }
+  }
+  auto d = torch::empty({2 * m, n}, x.options().dtype(torch::kInt32));
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    auto fn = bits == 4 ? gemm_tokens<4> : gemm_tokens<2>;
-    fn(xp, m, k, packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
-       xsum.data_ptr<float>(), y.data_ptr<float>(), n, r0, r1);
+    auto fn = bits == 4 ? dot_tokens<4> : dot_tokens<2>;
+    fn(qp, 2 * m, k, packed.data_ptr<uint8_t>(), d.data_ptr<int32_t>(), n, r0, r1);
   });
+  auto y = torch::empty({m, n}, x.options());
+  const int32_t* dp = d.data_ptr<int32_t>();
+  const float *sc = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t j = 0; j < n; ++j)
+      yp[t * n + j] = static_cast<float>(
+          sc[j] * (s[t] * dp[t * n + j] + s[m + t] * dp[(m + t) * n + j] - zp[j] * xsum[t]));
   return y;
 }
 
@@ -132,6 +186,7 @@ torch::Tensor lowbit_dequant(torch::Tensor packed, torch::Tensor scale, torch::T
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("mm", &lowbit_mm, "x (M, K) fp32 times packed 2/4-bit rows (N, K) transposed -> (M, N)");
+  m.def("mm", &lowbit_mm, "x (M, K) fp32 . packed 2/4-bit rows (N, K) -> (M, N) fp32 (int8 activations, 2 passes)");
+  m.def("dot", &lowbit_dot, "int8 activation codes (M, K) . packed 2/4-bit rows (N, K) -> int32 (M, N)");
   m.def("dequant", &lowbit_dequant, "packed 2/4-bit rows -> fp32 (N, K)");
 }
