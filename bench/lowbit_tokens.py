@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,17 +18,10 @@ from qvla.bench import device_info
 from qvla.quant import lowbit
 from qvla.quant.kernels import Int4Kernel, Int8Kernel, LowBitKernel
 
+sys.path.insert(0, str(Path(__file__).parent))
+from scale import median_ms  # noqa: E402  (the same timing as the scale benchmark)
+
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 276)
-
-
-def median_ms(fn, runs: int) -> float:
-    fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
 
 
 @torch.no_grad()
