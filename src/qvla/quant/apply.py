@@ -185,15 +185,15 @@ def _simulated(mod: nn.Module, storage: dict[str, torch.Tensor], bias, a_bits: i
 LOADERS: dict[str, Callable] = {"real": packed_layer, "simulated": _simulated}
 
 
-def folds(policy, plan: Plan) -> dict[str, str]:
-    """producer -> consumer for the policy's foldable Linear pairs whose producer's bucket order is not
-    already the identity (so folding removes a scatter)."""
+def folds(policy, plan: Plan) -> dict[str, tuple[str, torch.Tensor]]:
+    """producer -> (consumer, the producer's bucket order) for the policy's foldable Linear pairs whose
+    producer's bucket order is not already the identity (so folding removes a scatter)."""
     out = {}
     for p, c in getattr(policy, "fold_pairs", list)():
         if p in plan.bits and c in plan.bits:
             order = bucket_order(plan.bits[p])
             if not torch.equal(order, torch.arange(len(order))):
-                out[p] = c
+                out[p] = (c, order)
     return out
 
 
@@ -222,7 +222,7 @@ def load_quantized(path: str | Path, meta: dict, kernels: str = "real"):
     load_state_strict(model, plain, str(path))
 
     producers = folds(policy, plan) if kernels == "real" else {}
-    consumers = {c: p for p, c in producers.items()}
+    consumers = dict(producers.values())  # consumer -> the order its inputs arrive in
 
     def rebuild(mod: nn.Module, name: str) -> nn.Module:
         prefix = f"{name}.q."
@@ -231,7 +231,7 @@ def load_quantized(path: str | Path, meta: dict, kernels: str = "real"):
         if not torch.equal(storage["bits"].long(), plan.bits[name].long()):
             raise ValueError(f"checkpoint {path}: layer {name} bits differ from the plan's")
         if name in consumers:  # takes its inputs in the producer's bucket order
-            storage = permute_inputs(storage, bucket_order(plan.bits[consumers[name]]))
+            storage = permute_inputs(storage, consumers[name])
         extra = {"folded": True} if name in producers else {}
         return LOADERS[kernels](mod, storage, tensors.get(f"{name}.bias"), plan.a_bits, **extra)
 

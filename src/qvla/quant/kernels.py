@@ -11,7 +11,7 @@ reports the bytes it holds, and maps (M, K) float32 activations to (M, rows) flo
 | 16      | float GEMM on fp16-stored rows, upcast per call          | fp16                  | fp32 |
 
 The low-bit kernel runs up to LOWBIT_TOKENS tokens by streaming the packed rows (decode steps); longer
-inputs expand the rows to fp32 once per call and use the float GEMM (prefill). With torch's kernel,
+inputs expand the rows to fp32, EXPAND_ROWS at a time, for the float GEMM (prefill). With torch's kernel,
 2-bit rows run as 4-bit codes with the same scale, so in memory they take 4 bits (on disk 2).
 A4 activations are rounded to their 4-bit grid first and then run through the int8 kernel (4-bit
 values are exact int8 values up to the kernel's own rounding).
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from qvla.quant import lowbit
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel accepts
 
@@ -119,12 +121,10 @@ class LowBitKernel:
     name = "qvla-lowbit"
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> None:
-        from qvla.quant.lowbit import block_codes, block_pack, extension
-
-        self.ext, self.bits = extension(), bits
+        self.ext, self.bits = lowbit.extension(), bits
         n, k = codes.shape
-        self.n, self.k, self.pad = n, k, _ceil(k, block_codes(bits)) - k
-        self.packed = block_pack(F.pad(codes.to(torch.uint8), (0, self.pad)), bits)
+        self.n, self.k, self.pad = n, k, _ceil(k, lowbit.block_codes(bits)) - k
+        self.packed = lowbit.block_pack(F.pad(codes.to(torch.uint8), (0, self.pad)), bits)
         self.scale, self.zero = scale.float().contiguous(), zero.float().contiguous()
         self.nbytes = self.packed.numel() + 4 * (self.scale.numel() + self.zero.numel())
 
@@ -164,6 +164,4 @@ def build_kernel(bits: int, storage: dict[str, torch.Tensor], k: int, a_bits: in
     codes, scale, zero = bucket_codes(storage, bits, k)
     if bits == 8:
         return Int8Kernel(codes, scale, passes=2 if a_bits >= 16 else 1)
-    from qvla.quant.lowbit import available
-
-    return LowBitKernel(codes, scale, zero, bits) if available() else Int4Kernel(codes, scale, zero)
+    return LowBitKernel(codes, scale, zero, bits) if lowbit.available() else Int4Kernel(codes, scale, zero)

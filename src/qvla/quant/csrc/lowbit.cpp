@@ -106,24 +106,6 @@ void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch:
 
 }  // namespace
 
-// q (M, K) int8 activation codes -> (M, N) int32 dot products with the packed rows, streaming the rows
-// once per 4 tokens.
-torch::Tensor lowbit_dot(torch::Tensor q, torch::Tensor packed, int64_t bits) {
-  TORCH_CHECK(bits == 2 || bits == 4, "lowbit: bits must be 2 or 4, got ", bits);
-  TORCH_CHECK(q.dtype() == torch::kInt8 && q.dim() == 2, "lowbit: q must be 2-D int8");
-  const int64_t k = q.size(1), m = q.size(0), n = packed.size(0);
-  TORCH_CHECK(k % (256 / bits) == 0, "lowbit: K must be a multiple of ", 256 / bits, " at ", bits, " bits, got ", k);
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous() &&
-              packed.size(1) == k * bits / 8, "lowbit: packed must be contiguous uint8 (N, K*bits/8)");
-  q = q.contiguous();
-  auto d = torch::empty({m, n}, q.options().dtype(torch::kInt32));
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    auto fn = bits == 4 ? dot_tokens<4> : dot_tokens<2>;
-    fn(q.data_ptr<int8_t>(), m, k, packed.data_ptr<uint8_t>(), d.data_ptr<int32_t>(), n, r0, r1);
-  });
-  return d;
-}
-
 // x (M, K) fp32 -> (M, N) fp32: each token rounded to int8 in two passes (the second carries the first
 // one's residual), integer dot products with the packed rows, then the float epilogue.
 torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero,
@@ -187,6 +169,5 @@ torch::Tensor lowbit_dequant(torch::Tensor packed, torch::Tensor scale, torch::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &lowbit_mm, "x (M, K) fp32 . packed 2/4-bit rows (N, K) -> (M, N) fp32 (int8 activations, 2 passes)");
-  m.def("dot", &lowbit_dot, "int8 activation codes (M, K) . packed 2/4-bit rows (N, K) -> int32 (M, N)");
   m.def("dequant", &lowbit_dequant, "packed 2/4-bit rows -> fp32 (N, K)");
 }
