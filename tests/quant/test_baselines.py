@@ -78,6 +78,23 @@ def test_awq_clip_search_never_does_worse_than_no_clipping():
     assert (output_error(x, w, 4, 16, s, clip) <= output_error(x, w, 4, 16, s) + 1e-6).all()
 
 
+@pytest.mark.parametrize("a_bits", [16, 4])
+def test_awq_searches_at_mixed_bits_help_and_are_what_the_layer_applies(a_bits):
+    """qvla-awq runs AWQ's searches on a QVLA plan's mixed rows: never worse than no scaling, rows kept at
+    16 bits stay exact (weight-only), and the quantized layer built from the result has the searched error."""
+    lin, x = layer_and_inputs()
+    w = lin.weight.detach()
+    bits = torch.tensor([16, 8, 4, 4, 2, 0] * 4)
+    s, _ = search_scale(x, w, bits, a_bits)
+    clip = search_clip(x, w, bits, a_bits, s)
+    err = output_error(x, w, bits, a_bits, s, clip)
+    assert err.sum() <= output_error(x, w, bits, a_bits, torch.ones(32)).sum()
+    if a_bits == 16:
+        assert float(err[bits == 16].max()) < 1e-6 * float(x.pow(2).sum())
+    layer = QuantLinear.from_linear(lin, bits, a_bits, {"in_scale": s, "clip": clip})
+    assert out_err(lin, layer, x) == pytest.approx(float(err.sum()), rel=1e-3)
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_gptq_error_is_no_larger_than_rtn(bits):
     lin, x = layer_and_inputs(rows=1024)

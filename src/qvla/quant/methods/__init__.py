@@ -58,6 +58,7 @@ def _method(module: str) -> Callable:
 # name -> plan maker; NEEDS says what it calibrates on: nothing, per-layer inputs, or sensitivities
 METHODS: dict[str, Callable] = {m: _method(m) for m in ("qvla", "rtn", "smoothquant", "awq", "gptq", "omniquant")}
 METHODS["qvla-sq"] = _method("qvla_sq")
+METHODS["qvla-awq"] = _method("qvla_awq")
 NEEDS: dict[str, str | None] = {"qvla": "sensitivity", "rtn": None, "smoothquant": "observations",
                                 "awq": "observations", "gptq": "observations", "omniquant": "observations",
-                                "qvla-sq": "both"}
+                                "qvla-sq": "both", "qvla-awq": "both"}

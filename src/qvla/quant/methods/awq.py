@@ -7,7 +7,8 @@ Per Linear layer, on its recorded calibration inputs X:
 2. clip search: per output channel, the range ratio in {1.0, 0.95, ..., 0.5} with the smallest output
    error. Activation quantization, when the setting has it, is inside both errors.
 The paper searches per block of layers sharing an input and groups of 128 weights; we search per layer
-with per-channel grids, as every other method here. Convs are rounded as in RTN.
+with per-channel grids, as every other method here. Convs are rounded as in RTN. Both searches also take
+per-channel bits (a QVLA plan's mixed rows; methods/qvla_awq.py).
 """
 from __future__ import annotations
 
@@ -21,11 +22,21 @@ ALPHAS = torch.linspace(0, 1, 21)
 CLIPS = torch.linspace(1.0, 0.5, 11)
 
 
-def qdq(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> torch.Tensor:
-    return dequantize_rows(*quantize_rows(w, bits, clip))
+def qdq(w: torch.Tensor, bits: int | torch.Tensor, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """w rounded row by row; bits is one width for all rows or (N,) widths (16 = kept, 0 = zeroed)."""
+    if isinstance(bits, int):
+        return dequantize_rows(*quantize_rows(w, bits, clip))
+    out = torch.zeros_like(w)
+    for b in bits.unique().tolist():
+        rows = bits == b
+        if b == 16:
+            out[rows] = w[rows]
+        elif b:
+            out[rows] = dequantize_rows(*quantize_rows(w[rows], int(b), None if clip is None else clip[rows]))
+    return out
 
 
-def output_error(x: torch.Tensor, w: torch.Tensor, bits: int, a_bits: int, s: torch.Tensor,
+def output_error(x: torch.Tensor, w: torch.Tensor, bits: int | torch.Tensor, a_bits: int, s: torch.Tensor,
                  clip: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) squared output error per channel of the scaled, quantized layer against W x."""
     ref = x @ w.t()
@@ -33,7 +44,7 @@ def output_error(x: torch.Tensor, w: torch.Tensor, bits: int, a_bits: int, s: to
     return (out - ref).pow(2).sum(0)
 
 
-def search_scale(x: torch.Tensor, w: torch.Tensor, bits: int, a_bits: int = 16) -> tuple[torch.Tensor, float]:
+def search_scale(x: torch.Tensor, w: torch.Tensor, bits: int | torch.Tensor, a_bits: int = 16) -> tuple[torch.Tensor, float]:
     """-> (scales (K,), best alpha)."""
     mean = x.abs().mean(0).clamp_min(1e-8)
     best = None
@@ -46,7 +57,7 @@ def search_scale(x: torch.Tensor, w: torch.Tensor, bits: int, a_bits: int = 16) 
     return best[1], best[2]
 
 
-def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, a_bits: int, s: torch.Tensor) -> torch.Tensor:
+def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int | torch.Tensor, a_bits: int, s: torch.Tensor) -> torch.Tensor:
     """(N,) per-channel range ratio with the smallest output error (1 = no clipping)."""
     best_err = torch.full((w.shape[0],), float("inf"))
     best = torch.ones(w.shape[0])

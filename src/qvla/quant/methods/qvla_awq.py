@@ -1,0 +1,30 @@
+"""QVLA + AWQ: QVLA's per-channel bit allocation, then AWQ's activation-aware scale and clip searches run
+on each Linear layer *at its planned mixed bits* (rows at 16 bits are exact, pruned rows are a fixed error
+the searches cannot change). The allocation is made on the unscaled layers' sensitivities, as qvla-sq's.
+With activation quantization (A8 / A4) both searches include it, so the scale search is a searched,
+per-layer smoothing strength rather than SmoothQuant's fixed alpha. Convs keep QVLA's plain rounding."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from qvla.quant.layer_inputs import collect_inputs
+from qvla.quant.methods import QuantConfig
+from qvla.quant.methods.awq import search_clip, search_scale
+from qvla.quant.methods.qvla import make_plan as qvla_plan
+
+
+def make_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None = None):
+    sens, observations = calibration
+    plan = qvla_plan(policy, cfg, sens, provenance)
+    mods = dict(policy.model.named_modules())
+    # a layer whose rows all stay at 16 bits needs no search unless its activations are quantized
+    names = [n for n, b in plan.bits.items() if isinstance(mods[n], nn.Linear)
+             and (cfg.a_bits < 16 or bool((b < 16).any()))]
+    transforms, alphas = {}, {}
+    for n, x in collect_inputs(policy, observations, names, max_rows=2048).items():
+        w, bits = mods[n].weight.detach().float(), plan.bits[n].long()
+        s, alphas[n] = search_scale(x, w, bits, cfg.a_bits)
+        transforms[n] = {"in_scale": s, "clip": search_clip(x, w, bits, cfg.a_bits, s)}
+    plan.transforms, plan.method = transforms, "qvla-awq"
+    plan.provenance["alphas"] = alphas
+    return plan
