@@ -55,6 +55,22 @@ def test_kernel_computes_the_dequantized_product(bits, n, k, tokens):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_kernel_integer_sums_do_not_overflow_at_the_extremes(bits, sign):
+    """Every code at its maximum times every activation at +-127, over K long enough to fill many int16
+    groups (8 blocks at 4 bits, 16 at 2): the kernel's partial sums must neither saturate nor wrap."""
+    n, k = 3, 4096 + 64
+    codes = torch.full((n, k), 2**bits - 1)
+    codes[1, ::2] = 0  # and a row of alternating extremes
+    scale, zero = torch.ones(n), torch.tensor([0.0, 0.0, float(2**bits - 1)])
+    x = torch.full((2, k), sign)
+    ref = x.double() @ ((codes.double() - zero[:, None].double()) * scale[:, None].double()).t()
+    out = LowBitKernel(codes, scale, zero, bits)(x)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-2)
+
+
+@needs_kernel
 def test_kernel_holds_its_own_bit_width():
     k2 = LowBitKernel(torch.zeros(16, 256, dtype=torch.uint8), torch.ones(16), torch.zeros(16), 2)
     k4 = LowBitKernel(torch.zeros(16, 256, dtype=torch.uint8), torch.ones(16), torch.zeros(16), 4)

@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+
 namespace {
 
 inline int32_t hsum_epi32(__m256i v) {
@@ -27,32 +29,49 @@ inline int32_t hsum_epi32(__m256i v) {
 template <int Bits>
 constexpr int64_t codes_per_block() { return 256 / Bits; }
 
+// Blocks whose code . q products are summed in int16 before they are widened to int32. A vpmaddubsw lane
+// is at most 2 * (2^Bits - 1) * 127 in size (3810 at 4 bits, 762 at 2); each token keeps two int16 sums
+// (even and odd fields), each taking fields / 2 products per block, so 8 blocks at 4 bits (8 * 3810) or
+// 16 at 2 bits (32 * 762) stay below 2^15. Widening (vpmaddwd) once per group instead of once per product
+// halves the work on the multiply port, which is what bounds a single token.
+template <int Bits>
+constexpr int64_t blocks_per_group() { return Bits == 4 ? 8 : 16; }
+
 // D[t, r] = code[r] . q[t] (int32) for TM tokens (rows of q, each K int8) sharing one pass over the rows.
 template <int Bits, int TM>
 void dot_rows(const int8_t* q, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t t0, int64_t r0,
               int64_t r1) {
   constexpr int fields = 8 / Bits;
-  constexpr int64_t cpb = codes_per_block<Bits>();
+  constexpr int64_t cpb = codes_per_block<Bits>(), group = blocks_per_group<Bits>();
+  static_assert(group * (fields / 2) * 2 * ((1 << Bits) - 1) * 127 < 32768, "int16 group sums would overflow");
   const int64_t blocks = k / cpb;
   const __m256i mask = _mm256_set1_epi8((1 << Bits) - 1), ones = _mm256_set1_epi16(1);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* p = packed + r * blocks * 32;
-    __m256i acc[TM][2];
-    for (int t = 0; t < TM; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * 32));
+    __m256i acc[TM];
+    for (int t = 0; t < TM; ++t) acc[t] = _mm256_setzero_si256();
+    for (int64_t g0 = 0; g0 < blocks; g0 += group) {
+      const int64_t g1 = std::min(blocks, g0 + group);
+      __m256i sum[TM][2];  // two int16 chains per token, so consecutive fields do not wait on each other
+      for (int t = 0; t < TM; ++t) sum[t][0] = sum[t][1] = _mm256_setzero_si256();
+      for (int64_t b = g0; b < g1; ++b) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * 32));
 #pragma GCC unroll 4
-      for (int i = 0; i < fields; ++i) {
-        const __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, Bits * i), mask);  // 32 codes, in order
+        for (int i = 0; i < fields; ++i) {
+          const __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, Bits * i), mask);  // 32 codes, in order
 #pragma GCC unroll 4
-        for (int t = 0; t < TM; ++t) {
-          const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (t0 + t) * k + b * cpb + 32 * i));
-          // pairs of code * q summed to int16 (|.| <= 2 * 15 * 127: no saturation), then pairs to int32
-          acc[t][i & 1] = _mm256_add_epi32(acc[t][i & 1], _mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones));
+          for (int t = 0; t < TM; ++t) {
+            const __m256i a =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (t0 + t) * k + b * cpb + 32 * i));
+            sum[t][i & 1] = _mm256_add_epi16(sum[t][i & 1], _mm256_maddubs_epi16(c, a));  // code * q pairs
+          }
         }
       }
+      for (int t = 0; t < TM; ++t)
+        acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(sum[t][0], ones),
+                                                           _mm256_madd_epi16(sum[t][1], ones)));
     }
-    for (int t = 0; t < TM; ++t) d[(t0 + t) * n + r] = hsum_epi32(_mm256_add_epi32(acc[t][0], acc[t][1]));
+    for (int t = 0; t < TM; ++t) d[(t0 + t) * n + r] = hsum_epi32(acc[t]);
   }
 }
 
