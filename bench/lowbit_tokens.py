@@ -2,6 +2,11 @@
 (streamed rows, and rows expanded for the float GEMM), torch's int4 kernel, the int8 kernel, fp32 and bf16.
 Chooses where the low-bit kernel should switch from streaming to expanding (kernels.LOWBIT_TOKENS).
 
+A 4096x4096 layer at 4 bits is 8 MB, which a large last-level cache holds between two calls while the
+bf16 layer (32 MB) it is compared with may not be: the single-layer rows can flatter the low-bit kernel.
+The "streamed" section therefore also times a sweep over STREAM_LAYERS distinct 4096x4096 layers (96 MB at
+4 bits, 384 MB in bf16), so every format's weights come from memory, as in a real decoder pass.
+
     python bench/lowbit_tokens.py --out results/scale/lowbit-tokens-cpu.json      # ~2 min on 2 cores
 """
 from __future__ import annotations
@@ -22,6 +27,31 @@ sys.path.insert(0, str(Path(__file__).parent))
 from scale import median_ms  # noqa: E402  (the same timing as the scale benchmark)
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 276)
+STREAM_LAYERS = 12
+
+
+def streamed(runs: int, g: torch.Generator) -> dict:
+    """ms per layer over a sweep of STREAM_LAYERS distinct 4096x4096 layers, and the bytes/s it streams."""
+    n = k = 4096
+    lb4 = [LowBitKernel(torch.randint(0, 16, (n, k), generator=g), torch.rand(n, generator=g) * 0.01,
+                        torch.full((n,), 8.0), 4) for _ in range(STREAM_LAYERS)]
+    wb = [(torch.randn(n, k, generator=g) / k**0.5).bfloat16() for _ in range(STREAM_LAYERS)]
+    i8 = [Int8Kernel(torch.randint(-127, 128, (n, k), generator=g), torch.rand(n, generator=g) * 0.01, passes=1)
+          for _ in range(STREAM_LAYERS)]
+    out = {"layers": STREAM_LAYERS, "shape": f"{n}x{k}"}
+    for m in (1, 4):
+        x = torch.randn(m, k, generator=g)
+        xb = x.bfloat16()
+        sweep = {"bf16": lambda: [F.linear(xb, w) for w in wb], "int8_a8": lambda: [q(x) for q in i8],
+                 "lowbit4_kernel": lambda: [q(x) for q in lb4]}
+        r = {key: median_ms(f, runs) / STREAM_LAYERS for key, f in sweep.items()}
+        nbytes = {"bf16": 2 * n * k, "int8_a8": n * k, "lowbit4_kernel": n * k // 2}
+        r.update({f"{key}_GBps": nbytes[key] / r[key] / 1e6 for key in sweep})
+        r["lowbit4_kernel_vs_bf16"] = r["bf16"] / r["lowbit4_kernel"]
+        r["int8_a8_vs_bf16"] = r["bf16"] / r["int8_a8"]
+        out[m] = r
+        print("streamed", m, {key: round(v, 2) for key, v in r.items()}, file=sys.stderr, flush=True)
+    return out
 
 
 @torch.no_grad()
@@ -67,6 +97,7 @@ def main(argv=None) -> int:
             rows[m] = r
             print(n, k, m, {key: round(v, 2) for key, v in r.items()}, file=sys.stderr, flush=True)
         result["shapes"][f"{n}x{k}"] = rows
+    result["streamed"] = streamed(a.runs, g)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     return 0
