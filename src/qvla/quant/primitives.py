@@ -58,24 +58,25 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
     return (q.float() - zero.view(shape)) * scale.view(shape)
 
 
-def fake_quant_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """w rounded to its `bits`-bit grid, in w's dtype; 16 leaves it alone, 0 zeroes it."""
+def fake_quant_rows(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """w rounded to its `bits`-bit grid, in w's dtype; 16 leaves it alone, 0 zeroes it.
+    clip (C,): per-row range ratios, as in quant_params."""
     bits = check_bits(bits)
     if bits == 16:
         return w.clone()
     if bits == 0:
         return torch.zeros_like(w)
-    return dequantize_rows(*quantize_rows(w, bits)).to(w.dtype)
+    return dequantize_rows(*quantize_rows(w, bits, clip)).to(w.dtype)
 
 
-def fake_quant_mixed(w: torch.Tensor, bits_per_row: torch.Tensor) -> torch.Tensor:
-    """Each output channel (row) at its own bit width."""
+def fake_quant_mixed(w: torch.Tensor, bits_per_row: torch.Tensor, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Each output channel (row) at its own bit width (and, if given, its own clip ratio)."""
     if bits_per_row.shape != (w.shape[0],):
         raise ValueError(f"bits_per_row has shape {tuple(bits_per_row.shape)}, expected ({w.shape[0]},)")
     out = torch.empty_like(w)
     for b in bits_per_row.unique().tolist():
         rows = bits_per_row == b
-        out[rows] = fake_quant_rows(w[rows], int(b))
+        out[rows] = fake_quant_rows(w[rows], int(b), None if clip is None else clip[rows])
     return out
 
 

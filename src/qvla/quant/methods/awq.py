@@ -16,7 +16,7 @@ import torch
 
 from qvla.quant.methods import QuantConfig
 from qvla.quant.methods.rtn import layerwise_plan
-from qvla.quant.primitives import dequantize_rows, fake_quant_activation, quantize_rows
+from qvla.quant.primitives import fake_quant_activation, fake_quant_mixed, fake_quant_rows
 
 ALPHAS = torch.linspace(0, 1, 21)
 CLIPS = torch.linspace(1.0, 0.5, 11)
@@ -24,16 +24,7 @@ CLIPS = torch.linspace(1.0, 0.5, 11)
 
 def qdq(w: torch.Tensor, bits: int | torch.Tensor, clip: torch.Tensor | None = None) -> torch.Tensor:
     """w rounded row by row; bits is one width for all rows or (N,) widths (16 = kept, 0 = zeroed)."""
-    if isinstance(bits, int):
-        return dequantize_rows(*quantize_rows(w, bits, clip))
-    out = torch.zeros_like(w)
-    for b in bits.unique().tolist():
-        rows = bits == b
-        if b == 16:
-            out[rows] = w[rows]
-        elif b:
-            out[rows] = dequantize_rows(*quantize_rows(w[rows], int(b), None if clip is None else clip[rows]))
-    return out
+    return fake_quant_rows(w, bits, clip) if isinstance(bits, int) else fake_quant_mixed(w, bits, clip)
 
 
 def output_error(x: torch.Tensor, w: torch.Tensor, bits: int | torch.Tensor, a_bits: int, s: torch.Tensor,
@@ -68,13 +59,19 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int | torch.Tensor, a_bi
     return best
 
 
+def search(x: torch.Tensor, w: torch.Tensor, bits: int | torch.Tensor, a_bits: int
+           ) -> tuple[dict[str, torch.Tensor], float]:
+    """Both searches on one layer -> (its transform {"in_scale", "clip"}, the chosen alpha)."""
+    s, alpha = search_scale(x, w, bits, a_bits)
+    return {"in_scale": s, "clip": search_clip(x, w, bits, a_bits, s)}, alpha
+
+
 def make_plan(policy, cfg: QuantConfig, observations, provenance: dict | None = None):
     alphas: dict[int, float] = {}
 
     def transform(x: torch.Tensor, mod, bits: int) -> dict[str, torch.Tensor]:
-        w = mod.weight.detach().float()
-        s, alphas[len(alphas)] = search_scale(x, w, bits, cfg.a_bits)
-        return {"in_scale": s, "clip": search_clip(x, w, bits, cfg.a_bits, s)}
+        t, alphas[len(alphas)] = search(x, mod.weight.detach().float(), bits, cfg.a_bits)
+        return t
 
     plan = layerwise_plan(policy, cfg, observations, transform, 2048,
                           {**(provenance or {}), "coverage": "Linear layers searched; convs RTN"})

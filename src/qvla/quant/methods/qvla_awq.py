@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from qvla.quant.layer_inputs import collect_inputs
 from qvla.quant.methods import QuantConfig
-from qvla.quant.methods.awq import search_clip, search_scale
+from qvla.quant.methods.awq import search
 from qvla.quant.methods.qvla import make_plan as qvla_plan
 
 
@@ -22,9 +22,7 @@ def make_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None = N
              and (cfg.a_bits < 16 or bool((b < 16).any()))]
     transforms, alphas = {}, {}
     for n, x in collect_inputs(policy, observations, names, max_rows=2048).items():
-        w, bits = mods[n].weight.detach().float(), plan.bits[n].long()
-        s, alphas[n] = search_scale(x, w, bits, cfg.a_bits)
-        transforms[n] = {"in_scale": s, "clip": search_clip(x, w, bits, cfg.a_bits, s)}
+        transforms[n], alphas[n] = search(x, mods[n].weight.detach().float(), plan.bits[n].long(), cfg.a_bits)
     plan.transforms, plan.method = transforms, "qvla-awq"
     plan.provenance["alphas"] = alphas
     return plan
