@@ -114,3 +114,27 @@ def test_qvla_quantize_end_to_end_and_reuses_sensitivities(chunk_ckpt, calib, tm
     monkeypatch.setattr(pipeline.S, "compute", no_recompute)
     again = quantize(str(chunk_ckpt), cfg, short, tmp_path / "q2")
     assert (again / WEIGHTS).read_bytes() == (q / WEIGHTS).read_bytes()
+
+
+def test_qvla_rot_measures_rotated_sensitivities_and_never_folds_into_a_rotated_layer(chunk_ckpt, calib, tmp_path):
+    import shutil
+
+    from qvla.policies import load_policy
+    from qvla.quant.plan import Plan
+
+    short = shutil.copytree(calib[0], tmp_path / "calib")
+    manifest = json.loads((short / "manifest.json").read_text())
+    manifest["episodes"][0]["calls"] = 4
+    (short / "manifest.json").write_text(json.dumps(manifest))
+    path = quantize(str(chunk_ckpt), QuantConfig(method="qvla-rot", w_bits=4, a_bits=4), short, tmp_path / "q")
+    plan = Plan.load(path)
+    assert plan.method == "qvla-rot" and plan.transforms
+    assert all("in_signs" in t for t in plan.transforms.values())
+    assert [f.name.split("-")[3] for f in short.glob("sensitivity-*")] == ["rotation"]
+    # real vs simulated at A16: a random-init policy amplifies A4's rounding differences (7-bit vs 4-bit grid)
+    path = quantize(str(chunk_ckpt), QuantConfig(method="qvla-rot", w_bits=4), short, tmp_path / "q16")
+    assert sorted(f.name.split("-")[2] for f in short.glob("sensitivity-*")) == ["a16", "a4"]
+    real, sim = load_policy(path), load_policy(path, kernels="simulated")
+    assert not any(getattr(m, "folded", False) for m in real.model.modules())
+    o = load_calibration(short)[1][0]
+    assert np.abs(real.act(o) - sim.act(o)).max() < 0.05

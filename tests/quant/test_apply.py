@@ -155,7 +155,7 @@ def test_a_quantized_checkpoint_is_not_quantized_again(tmp_path, rtn4):
 @pytest.mark.parametrize("extra, message", [
     (["--w-bits", "0"], "--w-bits (average bits per weight) must be in (0, 16], got 0.0"),
     (["--w-bits", "17"], "--w-bits (average bits per weight) must be in (0, 16], got 17.0"),
-    (["--w-bits", "4", "--method", "nope"], "unknown method 'nope'; available: ['awq', 'gptq', 'omniquant', 'qvla', 'qvla-awq', 'qvla-sq', 'rtn', 'smoothquant']"),
+    (["--w-bits", "4", "--method", "nope"], f"unknown method 'nope'; available: {sorted(METHODS)}"),
     (["--w-bits", "4", "--keep", "lm_head=3"], "pin lm_head=3: bits must be one of (0, 2, 4, 8, 16)"),
     (["--w-bits", "4", "--keep", "lm_head"], "--keep expects ROLE=BITS or re:REGEX=BITS, got 'lm_head'"),
     (["--w-bits", "4"], "method qvla needs --calib"),

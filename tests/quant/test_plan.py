@@ -8,7 +8,7 @@ import torch
 
 from qvla.quant import sensitivity as S
 from qvla.quant.apply import layer_shapes
-from qvla.quant.methods import METHODS, NEEDS, QuantConfig
+from qvla.quant.methods import METHODS, NEEDS, TRANSFORMED, QuantConfig, transforms_for
 from qvla.quant.methods.qvla import make_plan
 from qvla.quant.plan import Plan, signature
 
@@ -104,7 +104,12 @@ def test_signature_depends_on_names_and_shapes_only():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_makes_a_valid_plan_for_the_toy(make_toy, sens, toy_obs, method):
     toy = make_toy()
-    calibration = {"sensitivity": sens, "observations": toy_obs, None: None, "both": (sens, toy_obs)}[NEEDS[method]]
+    calibration = {"sensitivity": sens, "observations": toy_obs, None: None, "both": (sens, toy_obs)}.get(NEEDS[method])
+    if NEEDS[method] == "transformed":  # sensitivities measured on the layers the method transforms first
+        transforms = transforms_for(method)(toy, QuantConfig(method=method, w_bits=4), toy_obs)
+        calibration = (S.compute(toy, toy_obs, batch_size=8, transforms=(TRANSFORMED[method], transforms)), transforms)
+        with pytest.raises(ValueError, match="measured on its transformed layers"):
+            METHODS[method](toy, QuantConfig(method=method, w_bits=4), (sens, transforms), {})
     plan = METHODS[method](toy, QuantConfig(method=method, w_bits=4), calibration, {})
     assert plan.method == method and set(plan.bits) == {"0", "3", "5"}
     assert plan.signature == signature(layer_shapes(toy.model, plan.bits))

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from qvla.quant.packed import bucket_order, conv_params, packed_layer
 from qvla.quant.plan import Plan, signature
 from qvla.quant.primitives import dequantize_rows, fake_quant_activation, quantize_rows
+from qvla.quant.rotation import rotate_weight
 from qvla.quant.storage import (
+    INPUT_KEYS,
     from_storage,
     input_transform,
     input_transform_of,
@@ -26,7 +28,7 @@ from qvla.quant.storage import (
 )
 
 
-TRANSFORM_KEYS = ("in_scale", "in_shift", "clip", "clip_lo", "weight", "grid_scale", "grid_zero")
+TRANSFORM_KEYS = ("in_scale", "in_shift", "in_signs", "clip", "clip_lo", "weight", "grid_scale", "grid_zero")
 
 
 def transformed(w: torch.Tensor, bias: torch.Tensor | None, t: dict[str, torch.Tensor] | None):
@@ -34,13 +36,14 @@ def transformed(w: torch.Tensor, bias: torch.Tensor | None, t: dict[str, torch.T
 
     in_scale s and in_shift d (K,) rewrite y = W x + b as y = (W diag(s)) ((x - d) / s) + (b + W d):
     the same output in floating point, with the difficulty moved between weights and activations
-    (SmoothQuant, AWQ, OmniQuant's LET). "weight" replaces the transformed weight (GPTQ's updates).
+    (SmoothQuant, AWQ, OmniQuant's LET). in_signs D then rotates: y = (W diag(s) D H)(H D (x - d) / s) + ...
+    (rotation.py; QuaRot). "weight" replaces the transformed weight (GPTQ's updates).
     """
     t = t or {}
     bad = sorted(set(t) - set(TRANSFORM_KEYS))
     if bad:
         raise ValueError(f"unknown transform keys {bad}; allowed: {TRANSFORM_KEYS}")
-    inp = {k: t[k].float() for k in ("in_scale", "in_shift") if k in t}
+    inp = {k: t[k].float() for k in INPUT_KEYS if k in t}
     if inp and w.dim() != 2:
         raise ValueError("input scale/shift transforms apply to Linear layers only")
     if "in_shift" in inp:
@@ -48,6 +51,8 @@ def transformed(w: torch.Tensor, bias: torch.Tensor | None, t: dict[str, torch.T
         bias = shift if bias is None else bias.float() + shift
     if "in_scale" in inp:
         w = w * inp["in_scale"][None]
+    if "in_signs" in inp:
+        w = rotate_weight(w.float(), inp["in_signs"])
     if "weight" in t:
         w = t["weight"].float()
     return w, bias, inp
@@ -222,6 +227,8 @@ def load_quantized(path: str | Path, meta: dict, kernels: str = "real"):
     load_state_strict(model, plain, str(path))
 
     producers = folds(policy, plan) if kernels == "real" else {}
+    # a rotated layer mixes all of a block's inputs: it cannot take them permuted
+    producers = {p: (c, o) for p, (c, o) in producers.items() if f"{c}.q.in_signs" not in tensors}
     consumers = dict(producers.values())  # consumer -> the order its inputs arrive in
 
     def rebuild(mod: nn.Module, name: str) -> nn.Module:

@@ -18,7 +18,7 @@ from qvla.calibrate import load_calibration
 from qvla.checkpoint import WEIGHTS, read_meta, save_checkpoint, sha256
 from qvla.quant import sensitivity as S
 from qvla.quant.apply import quantize_, quantized_tensors
-from qvla.quant.methods import METHODS, NEEDS, QuantConfig
+from qvla.quant.methods import METHODS, NEEDS, TRANSFORMED, QuantConfig, transforms_for
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,32 @@ def _load(policy_ref: str, calib: str | Path, suite: str | None):
     return path, policy, manifest, observations, weights
 
 
+def _digest(transforms: dict[str, dict[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for n in sorted(transforms):
+        for k in sorted(transforms[n]):
+            h.update(f"{n}::{k}".encode())
+            h.update(transforms[n][k].float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, form: str, a_bits: int,
-                    batch_size: int = 16, probes: int | None = None, cache: bool = True) -> tuple[S.Sensitivity, Path]:
-    key = hashlib.sha256(json.dumps([manifest["weights_sha256"], form, a_bits, len(observations), batch_size,
-                                     probes, [e["id"] for e in manifest["episodes"]]]).encode()).hexdigest()[:12]
-    file = Path(calib) / f"sensitivity-{form}-a{a_bits}-{key}.safetensors"
+                    batch_size: int = 16, probes: int | None = None, cache: bool = True,
+                    transforms: tuple[str, dict] | None = None) -> tuple[S.Sensitivity, Path]:
+    """transforms: (label, layer -> transform) to measure the transformed layers (keyed by their digest)."""
+    parts = [manifest["weights_sha256"], form, a_bits, len(observations), batch_size, probes,
+             [e["id"] for e in manifest["episodes"]]]
+    if transforms:
+        parts.append(_digest(transforms[1]))
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+    label = f"-{transforms[0]}" if transforms else ""
+    file = Path(calib) / f"sensitivity-{form}-a{a_bits}{label}-{key}.safetensors"
     if cache and file.is_file():
         log.info("reusing %s", file)
         return S.load(file)[0], file
     sens = S.compute(policy, observations, form=form, a_bits=a_bits, batch_size=batch_size, probes=probes,
-                     progress=lambda it: tqdm(it, desc=f"sensitivity ({form}, A{a_bits})", unit="batch"))
+                     progress=lambda it: tqdm(it, desc=f"sensitivity ({form}, A{a_bits}{label})", unit="batch"),
+                     transforms=transforms)
     S.save(file, sens, {"policy": policy.name, "weights_sha256": manifest["weights_sha256"],
                         "calibration": str(calib), "episodes": [e["id"] for e in manifest["episodes"]]})
     return sens, file
@@ -71,7 +87,13 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
             raise ValueError(f"method {cfg.method} needs --calib (a directory written by 'qvla calibrate')")
         path, policy, manifest, observations, weights = _load(policy_ref, calib, suite)
         provenance.update({"calibration": str(calib), "calibration_episodes": len(manifest["episodes"])})
-        if needs in ("sensitivity", "both"):
+        if needs == "transformed":
+            transforms = transforms_for(cfg.method)(policy, cfg, observations)
+            sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits,
+                                         cfg.batch_size, cfg.probes, transforms=(TRANSFORMED[cfg.method], transforms))
+            provenance["sensitivity_file"] = str(file)
+            plan = METHODS[cfg.method](policy, cfg, (sens, transforms), provenance)
+        elif needs in ("sensitivity", "both"):
             sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits,
                                          cfg.batch_size, cfg.probes)
             provenance["sensitivity_file"] = str(file)

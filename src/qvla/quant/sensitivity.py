@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qvla.quant.apply import transformed
 from qvla.quant.primitives import fake_quant_activation, fake_quant_rows
+from qvla.quant.storage import input_transform
 
 SENS_BITS = (16, 8, 4, 2, 0)  # columns of every sensitivity table
 
@@ -64,13 +66,20 @@ def per_sample(y: torch.Tensor, batch: int, conv: bool) -> torch.Tensor:
     return y.reshape(batch, -1, y.shape[-1])
 
 
-def output_errors(mod: nn.Module, x: torch.Tensor, a_bits: int, batch: int) -> dict[int, torch.Tensor]:
-    """bits -> (batch, tokens, C) output error of quantizing each channel's weights to `bits`."""
+def output_errors(mod: nn.Module, x: torch.Tensor, a_bits: int, batch: int,
+                  t: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """bits -> (batch, tokens, C) output error of quantizing each channel's weights to `bits`.
+
+    With an equivalent transform t (apply.transformed: input scale / shift / rotation), the error is that
+    of the transformed layer, which is what the plan will run: Q_a(T(x)) Q_b(W')^T + W d - x W^T."""
     w = mod.weight.detach()
-    xa = quant_act_input(mod, x, a_bits)
     ref = apply_weight(mod, x, w)
+    wt, shift, inp = transformed(w, None, t) if t else (w, None, {})
+    xa = quant_act_input(mod, input_transform(x, inp) if inp else x, a_bits)
+    if shift is not None:
+        ref = ref - shift
     conv = isinstance(mod, nn.Conv2d)
-    return {b: per_sample(apply_weight(mod, xa, fake_quant_rows(w, b)) - ref, batch, conv) for b in SENS_BITS}
+    return {b: per_sample(apply_weight(mod, xa, fake_quant_rows(wt, b)) - ref, batch, conv) for b in SENS_BITS}
 
 
 class _Recorder:
@@ -115,8 +124,11 @@ def _probe_scalars(out: torch.Tensor, form: str, probes: int | None, g: torch.Ge
 
 
 def compute(policy, observations: list, form: str = "action", a_bits: int = 16, batch_size: int = 16,
-            probes: int | None = None, seed: int = 0, progress=None) -> Sensitivity:
-    """Sensitivity of all quantizable channels at all bit widths over the calibration observations."""
+            probes: int | None = None, seed: int = 0, progress=None,
+            transforms: tuple[str, dict[str, dict[str, torch.Tensor]]] | None = None) -> Sensitivity:
+    """Sensitivity of all quantizable channels at all bit widths over the calibration observations;
+    `transforms` = (label, layer -> equivalent transform) makes each channel's error that of its
+    transformed layer (the label is recorded in meta["transforms"])."""
     if form not in policy.output_forms():
         raise ValueError(f"form {form!r} not available for {policy.name}; choose from {policy.output_forms()}")
     roles = policy.module_roles()
@@ -130,6 +142,7 @@ def compute(policy, observations: list, form: str = "action", a_bits: int = 16, 
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     kl = form == "logits"
+    layer_t = transforms[1] if transforms else {}
     if kl and probes is None:
         probes = 16
     try:
@@ -142,7 +155,8 @@ def compute(policy, observations: list, form: str = "action", a_bits: int = 16, 
                 out = policy.action_outputs(batch, form)
             rec.active = False
             ys = [rec.outputs[n] for n in names]
-            errs = {n: torch.stack(list(output_errors(targets[n], rec.inputs[n], a_bits, B).values()), -1)
+            errs = {n: torch.stack(list(output_errors(targets[n], rec.inputs[n], a_bits, B,
+                                                      layer_t.get(n)).values()), -1)
                     for n in names}  # (B, T, C, 5)
             j2 = {n: torch.zeros(B, prod[n].shape[0]) for n in names}
             p2 = {n: torch.zeros(B, prod[n].shape[0], len(SENS_BITS)) for n in names}
@@ -170,6 +184,8 @@ def compute(policy, observations: list, form: str = "action", a_bits: int = 16, 
     fan_in = {n: targets[n].weight[0].numel() for n in names}
     meta = {"form": form, "a_bits": a_bits, "observations": len(observations), "probes": probes,
             "seconds": round(time.time() - t0, 2), "bits": list(SENS_BITS), "batch_size": batch_size}
+    if transforms:
+        meta["transforms"] = transforms[0]
     return Sensitivity(prod, proj, jac, fan_in, {n: roles[n] for n in names}, meta)
 
 
@@ -204,7 +220,7 @@ def load(path) -> tuple[Sensitivity, dict]:
     sens = Sensitivity({n: t[f"product/{n}"] for n in layers}, {n: t[f"projected/{n}"] for n in layers},
                        {n: t[f"jacobian/{n}"] for n in layers}, meta["fan_in"], meta["roles"],
                        {k: meta[k] for k in ("form", "a_bits", "observations", "probes", "seconds", "bits",
-                                             "batch_size")})
+                                             "batch_size", "transforms") if k in meta})
     return sens, meta
 
 

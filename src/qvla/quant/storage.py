@@ -10,6 +10,7 @@ A layer with N output channels and K inputs per channel (a conv's C*kh*kw) is st
   s2, z2
   w16   fp16 (n16, K)               channels kept in floating point
   in_scale, in_shift fp32 (K,)      optional input transform x -> (x - in_shift) / in_scale (baselines)
+  in_signs fp32 (K,)                optional rotation after it, x -> H diag(in_signs) x (rotation.py)
 Rows of each bucket appear in channel order. 0-bit channels hold nothing.
 """
 from __future__ import annotations
@@ -17,8 +18,10 @@ from __future__ import annotations
 import torch
 
 from qvla.quant.packing import pack, unpack
+from qvla.quant.rotation import rotate_inputs
 
 STORED_BITS = (2, 4, 8)
+INPUT_KEYS = ("in_scale", "in_shift", "in_signs")  # the activation side of an equivalent transform
 
 
 def to_storage(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: torch.Tensor,
@@ -65,15 +68,17 @@ def storage_nbytes(storage: dict[str, torch.Tensor]) -> int:
 
 
 def input_transform_of(storage: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: storage[k].float() for k in ("in_scale", "in_shift") if k in storage}
+    return {k: storage[k].float() for k in INPUT_KEYS if k in storage}
 
 
 def input_transform(x: torch.Tensor, inp: dict[str, torch.Tensor]) -> torch.Tensor:
-    """x -> (x - in_shift) / in_scale, the activation side of a baseline's equivalent transform."""
+    """x -> H D (x - in_shift) / in_scale, the activation side of an equivalent transform."""
     if "in_shift" in inp:
         x = x - inp["in_shift"]
     if "in_scale" in inp:
         x = x / inp["in_scale"]
+    if "in_signs" in inp:
+        x = rotate_inputs(x, inp["in_signs"])
     return x
 
 
@@ -97,6 +102,8 @@ def permute_inputs(storage: dict[str, torch.Tensor], perm: torch.Tensor) -> dict
     """The storage of the same layer fed its inputs in the order `perm` (new input j = old input perm[j]):
     every row's codes and the per-input transform are permuted; per-row scales are unchanged."""
     k = len(perm)
+    if "in_signs" in storage:
+        raise ValueError("a layer with rotated inputs cannot take them permuted; do not fold into it")
     out = dict(storage)
     for b in STORED_BITS:
         if f"w{b}" in storage:
@@ -117,10 +124,12 @@ def validate_storage(storage: dict[str, torch.Tensor], shape, where: str) -> Non
     if bits.shape != (shape[0],):
         raise ValueError(f"{where}: bits has shape {tuple(bits.shape)}, layer has {shape[0]} channels")
     k = int(torch.tensor(shape[1:]).prod())
-    for key in ("in_scale", "in_shift"):
+    for key in INPUT_KEYS:
         if key in storage and tuple(storage[key].shape) != (k,):
             raise ValueError(f"{where}: {key} has shape {tuple(storage[key].shape)}, expected ({k},)")
     bad = sorted(set(bits.unique().tolist()) - {0, 2, 4, 8, 16})
+    if "in_signs" in storage and not bool((storage["in_signs"].abs() == 1).all()):
+        raise ValueError(f"{where}: in_signs must hold only +1 and -1")
     if bad:
         raise ValueError(f"{where}: bit widths {bad} not in (0, 2, 4, 8, 16)")
     for b in (*STORED_BITS, 16):

@@ -56,9 +56,20 @@ def _method(module: str) -> Callable:
 
 
 # name -> plan maker; NEEDS says what it calibrates on: nothing, per-layer inputs, or sensitivities
-METHODS: dict[str, Callable] = {m: _method(m) for m in ("qvla", "rtn", "smoothquant", "awq", "gptq", "omniquant")}
+METHODS: dict[str, Callable] = {m: _method(m) for m in ("qvla", "rtn", "smoothquant", "awq", "gptq", "omniquant",
+                                                         "quarot")}
 METHODS["qvla-sq"] = _method("qvla_sq")
 METHODS["qvla-awq"] = _method("qvla_awq")
+METHODS["qvla-rot"] = _method("qvla_rot")
+# "transformed": sensitivities measured on the layers after the method's transforms_for(); the plan maker
+# then gets (sensitivity, transforms)
 NEEDS: dict[str, str | None] = {"qvla": "sensitivity", "rtn": None, "smoothquant": "observations",
                                 "awq": "observations", "gptq": "observations", "omniquant": "observations",
-                                "qvla-sq": "both", "qvla-awq": "both"}
+                                "quarot": None, "qvla-sq": "both", "qvla-awq": "both", "qvla-rot": "transformed"}
+TRANSFORMED: dict[str, str] = {"qvla-rot": "rotation"}  # what the transformed sensitivities are labelled
+
+
+def transforms_for(method: str) -> Callable:
+    import importlib
+
+    return importlib.import_module(f"qvla.quant.methods.{method.replace('-', '_')}").transforms_for

@@ -1,0 +1,57 @@
+"""Offline check of quantization methods, without the simulator: how far each quantized policy's outputs
+move from the full-precision policy's on recorded observations (mean action L2 for continuous heads, KL
+for token heads). A fast screen before closed-loop evaluation, not a substitute for it.
+
+Usage: python bench/offline_deviation.py --policy microvla-chunk --calib DIR --runs W4A16:rtn,W4A16:quarot \
+           [--form action] [--holdout DIR] --out results/offline/NAME.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from qvla.calibrate import load_calibration
+from qvla.policies import load_policy
+from qvla.quant.methods import QuantConfig
+from qvla.quant.pipeline import quantize
+from qvla.quant.sensitivity import _deviation, _outputs
+from qvla.table import parse_setting
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--policy", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--holdout", help="observations to measure on (default: the calibration ones)")
+    ap.add_argument("--runs", required=True, help="comma list of SETTING:METHOD")
+    ap.add_argument("--form", default="action")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    torch.set_flush_denormal(True)
+    fp = load_policy(a.policy)
+    _, obs = load_calibration(a.holdout or a.calib, None)
+    batches = [fp.teacher_ids(fp.batch(obs[s:s + 32])) for s in range(0, len(obs), 32)]
+    ref = _outputs(fp, batches, a.form)
+    res = {"policy": a.policy, "observations": len(obs), "form": a.form, "rows": []}
+    for run in a.runs.split(","):
+        setting, method = run.split(":")
+        w, ab = parse_setting(setting)
+        t0 = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            quantize(a.policy, QuantConfig(method=method, w_bits=w, a_bits=ab, form=a.form), a.calib, tmp)
+            q = load_policy(tmp, kernels="simulated")
+            dev = _deviation(ref, _outputs(q, batches, a.form), a.form) / len(obs)
+        row = {"setting": setting, "method": method, "deviation": dev, "seconds": round(time.time() - t0, 1)}
+        print(json.dumps(row), flush=True)
+        res["rows"].append(row)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

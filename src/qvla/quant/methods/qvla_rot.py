@@ -1,0 +1,26 @@
+"""QVLA + rotation: every Linear layer's inputs are rotated first (quarot.rotation_transforms), the
+action-space sensitivities are measured on the rotated layers (so each channel's error at each bit width
+is the one the rotated layer really makes, activation rounding included), and QVLA's global allocation
+is made from those. The rotation flattens activation outliers (A4 / A8) and makes each weight row easier
+to round; the allocation then spends the bits where the actions need them."""
+from __future__ import annotations
+
+from qvla.quant.methods import TRANSFORMED, QuantConfig
+from qvla.quant.methods.quarot import rotation_transforms
+from qvla.quant.methods.qvla import make_plan as qvla_plan
+from qvla.quant.sensitivity import quantizable
+
+
+def transforms_for(policy, cfg: QuantConfig, observations) -> dict:
+    """The transforms the sensitivities are measured under (and the plan applies)."""
+    return rotation_transforms(policy, list(quantizable(policy.model, policy.module_roles())))
+
+
+def make_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None = None):
+    sens, transforms = calibration
+    if sens.meta.get("transforms") != TRANSFORMED["qvla-rot"]:
+        raise ValueError(f"qvla-rot needs sensitivities measured on its transformed layers "
+                         f"({TRANSFORMED['qvla-rot']}), got {sens.meta.get('transforms')}")
+    plan = qvla_plan(policy, cfg, sens, provenance)
+    plan.transforms, plan.method = transforms, "qvla-rot"
+    return plan
