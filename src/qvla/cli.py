@@ -87,7 +87,7 @@ def _quantize(a: argparse.Namespace) -> None:
 
     cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, form=a.form, proxy=a.proxy,
                       solver=a.solver, pins=_pins(a.keep), no_prune=tuple(a.no_prune), probes=a.probes,
-                      count=a.count)
+                      count=a.count, weighting=a.weighting)
     out = quantize(a.policy, cfg, a.calib, a.out, a.suite)
     q = json.loads((out / "config.json").read_text())["quantization"]
     print(f"{a.method} W{a.w_bits:g}A{a.a_bits}: average {q['average_bits']:.3f} bits per weight -> {out}")
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--probes", type=int, default=None)
     q.add_argument("--count", default="stored", choices=["stored", "held"],
                    help="the budget counts bits as stored on disk, or as the CPU kernels hold them (2 bits as 4)")
+    q.add_argument("--weighting", default="steps", choices=["steps", "episode"],
+                   help="calibration steps weigh 1 each, or each calibration episode weighs the same")
     q.add_argument("--out", required=True)
     q.set_defaults(func=_quantize)
 

@@ -156,3 +156,20 @@ def test_load_refuses_a_foreign_file(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="not a qvla sensitivity file"):
         S.load(tmp_path / "x.safetensors")
+
+
+def test_episode_weighting_makes_every_episode_weigh_the_same(make_toy, toy_obs):
+    from qvla.quant.sensitivity import step_weights
+
+    w = step_weights(["a", "b", "b", "b"], "episode")
+    assert w.tolist() == pytest.approx([2.0, 2 / 3, 2 / 3, 2 / 3]) and float(w.sum()) == pytest.approx(4.0)
+    assert step_weights(["a", "b"], "steps").tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="needs each calibration step's episode id"):
+        step_weights(["a", None], "episode")
+    # episode a = [x], episode b = [y, y, y]: weighted by episode, that is 2 * (S(x) + S(y))
+    toy, x, y = make_toy(), toy_obs[0], toy_obs[1]
+    weighted = S.compute(toy, [x, y, y, y], batch_size=3, weights=w)
+    plain = S.compute(toy, [x, y], batch_size=2)
+    for n in plain.projected:
+        assert torch.allclose(weighted.projected[n], 2 * plain.projected[n], rtol=1e-4, atol=1e-9)
+        assert torch.allclose(weighted.product[n], 2 * plain.product[n], rtol=1e-4, atol=1e-9)

@@ -49,21 +49,27 @@ def _digest(transforms: dict[str, dict[str, torch.Tensor]]) -> str:
 
 def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, form: str, a_bits: int,
                     batch_size: int = 16, probes: int | None = None, cache: bool = True,
-                    transforms: tuple[str, dict] | None = None) -> tuple[S.Sensitivity, Path]:
+                    transforms: tuple[str, dict] | None = None, weighting: str = "steps"
+                    ) -> tuple[S.Sensitivity, Path]:
     """transforms: (label, layer -> transform) to measure the transformed layers (keyed by their digest)."""
     parts = [manifest["weights_sha256"], form, a_bits, len(observations), batch_size, probes,
              [e["id"] for e in manifest["episodes"]]]
     if transforms:
         parts.append(_digest(transforms[1]))
+    if weighting != "steps":  # the default keeps the keys of tables computed before weightings existed
+        parts.append(weighting)
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
-    label = f"-{transforms[0]}" if transforms else ""
+    label = (f"-{transforms[0]}" if transforms else "") + (f"-{weighting}" if weighting != "steps" else "")
     file = Path(calib) / f"sensitivity-{form}-a{a_bits}{label}-{key}.safetensors"
     if cache and file.is_file():
         log.info("reusing %s", file)
         return S.load(file)[0], file
     sens = S.compute(policy, observations, form=form, a_bits=a_bits, batch_size=batch_size, probes=probes,
                      progress=lambda it: tqdm(it, desc=f"sensitivity ({form}, A{a_bits}{label})", unit="batch"),
-                     transforms=transforms)
+                     transforms=transforms, weights=S.step_weights(
+                         [(o.extras or {}).get("episode") for o in observations], weighting))
+    if weighting != "steps":
+        sens.meta["weighting"] = weighting
     S.save(file, sens, {"policy": policy.name, "weights_sha256": manifest["weights_sha256"],
                         "calibration": str(calib), "episodes": [e["id"] for e in manifest["episodes"]]})
     return sens, file
@@ -90,12 +96,13 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
         if needs == "transformed":
             transforms = transforms_for(cfg.method)(policy, cfg, observations)
             sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits,
-                                         cfg.batch_size, cfg.probes, transforms=(TRANSFORMED[cfg.method], transforms))
+                                         cfg.batch_size, cfg.probes, transforms=(TRANSFORMED[cfg.method], transforms),
+                                         weighting=cfg.weighting)
             provenance["sensitivity_file"] = str(file)
             plan = METHODS[cfg.method](policy, cfg, (sens, transforms), provenance)
         elif needs in ("sensitivity", "both"):
             sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits,
-                                         cfg.batch_size, cfg.probes)
+                                         cfg.batch_size, cfg.probes, weighting=cfg.weighting)
             provenance["sensitivity_file"] = str(file)
             plan = METHODS[cfg.method](policy, cfg, sens if needs == "sensitivity" else (sens, observations),
                                        provenance)

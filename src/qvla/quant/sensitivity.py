@@ -123,12 +123,32 @@ def _probe_scalars(out: torch.Tensor, form: str, probes: int | None, g: torch.Ge
         yield (v * out).sum(), 1.0 / probes
 
 
+WEIGHTINGS = ("steps", "episode")
+
+
+def step_weights(episodes: list, weighting: str) -> torch.Tensor:
+    """(N,) weight of each calibration step (given its episode id) in the sums. "steps": 1 each, so an
+    episode counts by its length; "episode": N / (episodes * its episode's length), so every calibration
+    episode weighs the same however long it ran (a failed episode runs to the step limit and would
+    otherwise outweigh a short successful one several times over). Both sum to N."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting == "steps":
+        return torch.ones(len(episodes), dtype=torch.float64)
+    if None in episodes:
+        raise ValueError("episode weighting needs each calibration step's episode id")
+    counts = {e: episodes.count(e) for e in set(episodes)}
+    return torch.tensor([len(episodes) / len(counts) / counts[e] for e in episodes], dtype=torch.float64)
+
+
 def compute(policy, observations: list, form: str = "action", a_bits: int = 16, batch_size: int = 16,
             probes: int | None = None, seed: int = 0, progress=None,
-            transforms: tuple[str, dict[str, dict[str, torch.Tensor]]] | None = None) -> Sensitivity:
+            transforms: tuple[str, dict[str, dict[str, torch.Tensor]]] | None = None,
+            weights: torch.Tensor | None = None) -> Sensitivity:
     """Sensitivity of all quantizable channels at all bit widths over the calibration observations;
     `transforms` = (label, layer -> equivalent transform) makes each channel's error that of its
-    transformed layer (the label is recorded in meta["transforms"])."""
+    transformed layer (the label is recorded in meta["transforms"]); `weights` (N,) weighs each step's
+    terms (default 1 each; see step_weights)."""
     if form not in policy.output_forms():
         raise ValueError(f"form {form!r} not available for {policy.name}; choose from {policy.output_forms()}")
     roles = policy.module_roles()
@@ -143,6 +163,9 @@ def compute(policy, observations: list, form: str = "action", a_bits: int = 16, 
     t0 = time.time()
     kl = form == "logits"
     layer_t = transforms[1] if transforms else {}
+    step_w = torch.ones(len(observations), dtype=torch.float64) if weights is None else weights.double()
+    if len(step_w) != len(observations):
+        raise ValueError(f"{len(step_w)} weights for {len(observations)} observations")
     if kl and probes is None:
         probes = 16
     try:
@@ -168,16 +191,17 @@ def compute(policy, observations: list, form: str = "action", a_bits: int = 16, 
                     gs = per_sample(gr, B, isinstance(targets[n], nn.Conv2d))
                     j2[n] += weight * gs.pow(2).sum(1)
                     p2[n] += weight * torch.einsum("btc,btck->bck", gs, errs[n]).pow(2)
+            w = step_w[s:s + B]
             for n in names:
                 dy = errs[n].pow(2).sum(1).double()  # (B, C, 5)
                 jn, pn = j2[n].double(), p2[n].double()
                 if kl:
-                    prod[n] += (0.5 * jn[..., None] * dy).sum(0)
-                    proj[n] += (0.5 * pn).sum(0)
+                    prod[n] += torch.einsum("b,bck->ck", w, 0.5 * jn[..., None] * dy)
+                    proj[n] += torch.einsum("b,bck->ck", w, 0.5 * pn)
                 else:
-                    prod[n] += (jn.sqrt()[..., None] * dy.sqrt()).sum(0)
-                    proj[n] += pn.sqrt().sum(0)
-                jac[n] += jn.sqrt().sum(0)
+                    prod[n] += torch.einsum("b,bck->ck", w, jn.sqrt()[..., None] * dy.sqrt())
+                    proj[n] += torch.einsum("b,bck->ck", w, pn.sqrt())
+                jac[n] += torch.einsum("b,bc->c", w, jn.sqrt())
             del out, ys, errs
     finally:
         rec.close()
@@ -220,7 +244,7 @@ def load(path) -> tuple[Sensitivity, dict]:
     sens = Sensitivity({n: t[f"product/{n}"] for n in layers}, {n: t[f"projected/{n}"] for n in layers},
                        {n: t[f"jacobian/{n}"] for n in layers}, meta["fan_in"], meta["roles"],
                        {k: meta[k] for k in ("form", "a_bits", "observations", "probes", "seconds", "bits",
-                                             "batch_size", "transforms") if k in meta})
+                                             "batch_size", "transforms", "weighting") if k in meta})
     return sens, meta
 
 

@@ -23,6 +23,7 @@ class QuantConfig:
     probes: int | None = None  # backward passes per batch: None = exact (continuous) / 16 (KL)
     alpha: float = 0.5  # SmoothQuant's migration strength
     count: str = "stored"  # the budget counts bits as "stored" on disk, or as "held" by the CPU kernels
+    weighting: str = "steps"  # calibration steps weigh 1 each ("steps") or each episode weighs the same ("episode")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -37,6 +38,8 @@ class QuantConfig:
         if self.proxy not in ("product", "projected") or self.solver not in ("greedy", "exact"):
             raise ValueError(f"proxy must be product|projected and solver greedy|exact, got {self.proxy}, {self.solver}")
 
+        if self.weighting not in ("steps", "episode"):
+            raise ValueError(f"--weighting must be 'steps' or 'episode', got {self.weighting!r}")
         if self.count not in ("stored", "held"):
             raise ValueError(f"--count must be 'stored' or 'held', got {self.count!r}")
 
@@ -61,12 +64,14 @@ METHODS: dict[str, Callable] = {m: _method(m) for m in ("qvla", "rtn", "smoothqu
 METHODS["qvla-sq"] = _method("qvla_sq")
 METHODS["qvla-awq"] = _method("qvla_awq")
 METHODS["qvla-rot"] = _method("qvla_rot")
+METHODS["qvla-srot"] = _method("qvla_srot")
 # "transformed": sensitivities measured on the layers after the method's transforms_for(); the plan maker
 # then gets (sensitivity, transforms)
 NEEDS: dict[str, str | None] = {"qvla": "sensitivity", "rtn": None, "smoothquant": "observations",
                                 "awq": "observations", "gptq": "observations", "omniquant": "observations",
-                                "quarot": None, "qvla-sq": "both", "qvla-awq": "both", "qvla-rot": "transformed"}
-TRANSFORMED: dict[str, str] = {"qvla-rot": "rotation"}  # what the transformed sensitivities are labelled
+                                "quarot": None, "qvla-sq": "both", "qvla-awq": "both", "qvla-rot": "transformed",
+                                "qvla-srot": "transformed"}
+TRANSFORMED: dict[str, str] = {"qvla-rot": "rotation", "qvla-srot": "smoothrot"}  # what the transformed sensitivities are labelled
 
 
 def transforms_for(method: str) -> Callable:

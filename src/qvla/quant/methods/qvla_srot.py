@@ -1,0 +1,27 @@
+"""QVLA + smoothing + rotation: SmoothQuant's per-input-channel scales (alpha = cfg.alpha) first, then the
+randomized Hadamard rotation of qvla-rot, both as each Linear layer's input transform; the action-space
+sensitivities are measured on the transformed layers and QVLA allocates from them. Smoothing tames the
+few channels that are far larger than the rest, which a rotation alone only spreads over its block."""
+from __future__ import annotations
+
+from qvla.quant.methods import TRANSFORMED, QuantConfig
+from qvla.quant.methods.qvla import make_plan as qvla_plan
+from qvla.quant.methods.qvla_rot import transforms_for as rotations
+from qvla.quant.methods.smoothquant import smoothing_transforms
+
+
+def transforms_for(policy, cfg: QuantConfig, observations) -> dict:
+    rot = rotations(policy, cfg, observations)
+    smooth = smoothing_transforms(policy, observations, list(rot), cfg.alpha)
+    return {n: {**smooth[n], **t} for n, t in rot.items()}
+
+
+def make_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None = None):
+    sens, transforms = calibration
+    if sens.meta.get("transforms") != TRANSFORMED["qvla-srot"]:
+        raise ValueError(f"qvla-srot needs sensitivities measured on its transformed layers "
+                         f"({TRANSFORMED['qvla-srot']}), got {sens.meta.get('transforms')}")
+    plan = qvla_plan(policy, cfg, sens, provenance)
+    plan.transforms, plan.method = transforms, "qvla-srot"
+    plan.provenance["alpha"] = cfg.alpha
+    return plan
