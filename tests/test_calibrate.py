@@ -138,3 +138,16 @@ def test_qvla_rot_measures_rotated_sensitivities_and_never_folds_into_a_rotated_
     assert not any(getattr(m, "folded", False) for m in real.model.modules())
     o = load_calibration(short)[1][0]
     assert np.abs(real.act(o) - sim.act(o)).max() < 0.05
+
+
+def test_bias_corrected_checkpoint_loads_biases_onto_bias_free_layers(chunk_ckpt, calib, tmp_path):
+    from qvla.policies import load_policy
+
+    path = quantize(str(chunk_ckpt), QuantConfig(method="rtn+bc", w_bits=8), calib[0], tmp_path / "q")
+    assert json.loads((path / "config.json").read_text())["quantization"]["method"] == "rtn+bc"
+    real, sim = load_policy(path), load_policy(path, kernels="simulated")
+    down = "llm.layers.0.mlp.down_proj"
+    assert load_policy(str(chunk_ckpt)).model.get_submodule(down).bias is None
+    assert real.model.get_submodule(down).bias is not None and sim.model.get_submodule(down).bias is not None
+    o = load_calibration(calib[0])[1][0]
+    assert np.abs(real.act(o) - sim.act(o)).max() < 0.02

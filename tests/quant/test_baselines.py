@@ -160,3 +160,36 @@ def test_unknown_transform_key_is_refused():
     lin, _ = layer_and_inputs()
     with pytest.raises(ValueError, match="unknown transform keys"):
         QuantLinear.from_linear(lin, torch.full((24,), 4), 16, {"scales": torch.ones(32)})
+
+
+@pytest.mark.parametrize("a_bits", [16, 4])
+def test_bias_correction_removes_the_mean_output_error(make_toy, toy_obs, a_bits):
+    """Defining property: on the calibration inputs, the corrected layer's mean output error is zero."""
+    from qvla.quant.bias_correction import bias_corrections, correct_biases
+    from qvla.quant.layer_inputs import collect_inputs
+
+    policy = make_toy()
+    plan = METHODS["rtn"](policy, QuantConfig(method="rtn", w_bits=2, a_bits=a_bits), None, {})
+    mods = dict(policy.model.named_modules())
+    x = collect_inputs(policy, toy_obs, ["3", "5"])
+    d = bias_corrections(policy, plan, toy_obs)
+    assert set(d) == {"3", "5"}  # Linear layers only
+    with torch.no_grad():
+        for n in d:
+            plain = QuantLinear.from_linear(mods[n], plan.bits[n].long(), a_bits)
+            fixed = QuantLinear.from_linear(mods[n], plan.bits[n].long(), a_bits, {"bias_add": d[n]})
+            before = (plain(x[n]) - mods[n](x[n])).mean(0)
+            after = (fixed(x[n]) - mods[n](x[n])).mean(0)
+            assert after.abs().max() < 1e-5 < before.abs().max()
+    assert correct_biases(policy, plan, toy_obs).method == "rtn+bc" and "bias_add" in plan.transforms["5"]
+
+
+def test_bias_correction_suffix_parses_and_needs_calibration(tmp_path, chunk_ckpt):
+    from qvla.quant.pipeline import quantize
+
+    cfg = QuantConfig(method="qvla+bc", w_bits=4)
+    assert cfg.method == "qvla" and cfg.bias_correct
+    with pytest.raises(ValueError, match=r"bias correction \(rtn\+bc\) needs --calib"):
+        quantize(str(chunk_ckpt), QuantConfig(method="rtn+bc", w_bits=4), None, tmp_path / "q")
+    with pytest.raises(KeyError, match="unknown method 'nope'"):
+        QuantConfig(method="nope+bc")

@@ -28,7 +28,7 @@ from qvla.quant.storage import (
 )
 
 
-TRANSFORM_KEYS = ("in_scale", "in_shift", "in_signs", "clip", "clip_lo", "weight", "grid_scale", "grid_zero")
+TRANSFORM_KEYS = ("in_scale", "in_shift", "in_signs", "bias_add", "clip", "clip_lo", "weight", "grid_scale", "grid_zero")
 
 
 def transformed(w: torch.Tensor, bias: torch.Tensor | None, t: dict[str, torch.Tensor] | None):
@@ -37,7 +37,7 @@ def transformed(w: torch.Tensor, bias: torch.Tensor | None, t: dict[str, torch.T
     in_scale s and in_shift d (K,) rewrite y = W x + b as y = (W diag(s)) ((x - d) / s) + (b + W d):
     the same output in floating point, with the difficulty moved between weights and activations
     (SmoothQuant, AWQ, OmniQuant's LET). in_signs D then rotates: y = (W diag(s) D H)(H D (x - d) / s) + ...
-    (rotation.py; QuaRot). "weight" replaces the transformed weight (GPTQ's updates).
+    (rotation.py; QuaRot). bias_add (N,) is added to the bias (bias correction). "weight" replaces the transformed weight (GPTQ's updates).
     """
     t = t or {}
     bad = sorted(set(t) - set(TRANSFORM_KEYS))
@@ -49,6 +49,8 @@ def transformed(w: torch.Tensor, bias: torch.Tensor | None, t: dict[str, torch.T
     if "in_shift" in inp:
         shift = w.float() @ inp["in_shift"]
         bias = shift if bias is None else bias.float() + shift
+    if "bias_add" in t:  # bias correction (bias_correction.py)
+        bias = t["bias_add"].float() if bias is None else bias.float() + t["bias_add"].float()
     if "in_scale" in inp:
         w = w * inp["in_scale"][None]
     if "in_signs" in inp:

@@ -18,6 +18,7 @@ from qvla.calibrate import load_calibration
 from qvla.checkpoint import WEIGHTS, read_meta, save_checkpoint, sha256
 from qvla.quant import sensitivity as S
 from qvla.quant.apply import quantize_, quantized_tensors
+from qvla.quant.bias_correction import correct_biases
 from qvla.quant.methods import METHODS, NEEDS, TRANSFORMED, QuantConfig, transforms_for
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,9 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
     torch.set_flush_denormal(True)
     provenance: dict = {"policy_ref": str(policy_ref), "config": {**cfg.__dict__, "no_prune": list(cfg.no_prune)}}
     needs = NEEDS[cfg.method]
-    if needs is None:
+    if cfg.bias_correct and calib is None:
+        raise ValueError(f"bias correction ({cfg.method}+bc) needs --calib (a directory written by 'qvla calibrate')")
+    if needs is None and not cfg.bias_correct:
         path = resolve(policy_ref)
         policy = load_policy(path)
         plan = METHODS[cfg.method](policy, cfg, None, provenance)
@@ -106,8 +109,12 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
             provenance["sensitivity_file"] = str(file)
             plan = METHODS[cfg.method](policy, cfg, sens if needs == "sensitivity" else (sens, observations),
                                        provenance)
+        elif needs is None:
+            plan = METHODS[cfg.method](policy, cfg, None, provenance)
         else:  # the baselines calibrate on the same observations, layer by layer
             plan = METHODS[cfg.method](policy, cfg, observations, provenance)
+        if cfg.bias_correct:
+            plan = correct_biases(policy, plan, observations)
     plan.provenance["weights_sha256"] = weights
     quantize_(policy, plan)
     meta = read_meta(path)

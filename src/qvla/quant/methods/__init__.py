@@ -9,6 +9,9 @@ from qvla.quant.plan import A_BITS
 from qvla.quant.primitives import BITS
 
 
+BC = "+bc"  # suffix: any method followed by bias correction (bias_correction.py)
+
+
 @dataclass
 class QuantConfig:
     method: str = "qvla"
@@ -23,9 +26,12 @@ class QuantConfig:
     probes: int | None = None  # backward passes per batch: None = exact (continuous) / 16 (KL)
     alpha: float = 0.5  # SmoothQuant's migration strength
     count: str = "stored"  # the budget counts bits as "stored" on disk, or as "held" by the CPU kernels
+    bias_correct: bool = False  # method "M+bc": M, then bias correction on the calibration inputs
     weighting: str = "steps"  # calibration steps weigh 1 each ("steps") or each episode weighs the same ("episode")
 
     def __post_init__(self) -> None:
+        if self.method.endswith(BC):
+            self.method, self.bias_correct = self.method[: -len(BC)], True
         if self.method not in METHODS:
             raise KeyError(f"unknown method {self.method!r}; available: {sorted(METHODS)}")
         if not (0 < self.w_bits <= 16):
