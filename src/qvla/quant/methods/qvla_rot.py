@@ -16,11 +16,16 @@ def transforms_for(policy, cfg: QuantConfig, observations) -> dict:
     return rotation_transforms(policy, list(quantizable(policy.model, policy.module_roles())))
 
 
-def make_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None = None):
+def transformed_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None, method: str):
+    """QVLA's allocation from sensitivities measured on `method`'s transformed layers, plus the transforms."""
     sens, transforms = calibration
-    if sens.meta.get("transforms") != TRANSFORMED["qvla-rot"]:
-        raise ValueError(f"qvla-rot needs sensitivities measured on its transformed layers "
-                         f"({TRANSFORMED['qvla-rot']}), got {sens.meta.get('transforms')}")
+    if sens.meta.get("transforms") != TRANSFORMED[method]:
+        raise ValueError(f"{method} needs sensitivities measured on its transformed layers "
+                         f"({TRANSFORMED[method]}), got {sens.meta.get('transforms')}")
     plan = qvla_plan(policy, cfg, sens, provenance)
-    plan.transforms, plan.method = transforms, "qvla-rot"
+    plan.transforms, plan.method = transforms, method
     return plan
+
+
+def make_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None = None):
+    return transformed_plan(policy, cfg, calibration, provenance, "qvla-rot")

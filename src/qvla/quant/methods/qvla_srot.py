@@ -4,8 +4,8 @@ sensitivities are measured on the transformed layers and QVLA allocates from the
 few channels that are far larger than the rest, which a rotation alone only spreads over its block."""
 from __future__ import annotations
 
-from qvla.quant.methods import TRANSFORMED, QuantConfig
-from qvla.quant.methods.qvla import make_plan as qvla_plan
+from qvla.quant.methods import QuantConfig
+from qvla.quant.methods.qvla_rot import transformed_plan
 from qvla.quant.methods.qvla_rot import transforms_for as rotations
 from qvla.quant.methods.smoothquant import smoothing_transforms
 
@@ -17,11 +17,6 @@ def transforms_for(policy, cfg: QuantConfig, observations) -> dict:
 
 
 def make_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None = None):
-    sens, transforms = calibration
-    if sens.meta.get("transforms") != TRANSFORMED["qvla-srot"]:
-        raise ValueError(f"qvla-srot needs sensitivities measured on its transformed layers "
-                         f"({TRANSFORMED['qvla-srot']}), got {sens.meta.get('transforms')}")
-    plan = qvla_plan(policy, cfg, sens, provenance)
-    plan.transforms, plan.method = transforms, "qvla-srot"
+    plan = transformed_plan(policy, cfg, calibration, provenance, "qvla-srot")
     plan.provenance["alpha"] = cfg.alpha
     return plan
