@@ -52,8 +52,8 @@ def test_write_table_reads_every_row(tmp_path):
 
 
 def test_run_table_refuses_unknown_methods_and_bad_settings(tmp_path):
-    with pytest.raises(KeyError, match="unknown methods \\['nope'\\]"):
-        run_table("microvla-chunk", ["W4A16"], ["nope"], 1, tmp_path)
+    with pytest.raises(KeyError, match="unknown methods \\['nope', 'nope\\+bc'\\]"):
+        run_table("microvla-chunk", ["W4A16"], ["nope", "nope+bc", "rtn+bc"], 1, tmp_path)
     with pytest.raises(ValueError, match="not of the form"):
         run_table("microvla-chunk", ["W4"], ["rtn"], 1, tmp_path)
     assert not any(tmp_path.iterdir())
