@@ -171,7 +171,7 @@ def test_bias_correction_removes_the_mean_output_error(make_toy, toy_obs, a_bits
     policy = make_toy()
     plan = METHODS["rtn"](policy, QuantConfig(method="rtn", w_bits=2, a_bits=a_bits), None, {})
     mods = dict(policy.model.named_modules())
-    x = collect_inputs(policy, toy_obs, ["3", "5"])
+    x = collect_inputs(policy, toy_obs, ["3", "5"], max_rows=8192)
     d = bias_corrections(policy, plan, toy_obs)
     assert set(d) == {"3", "5"}  # Linear layers only
     with torch.no_grad():

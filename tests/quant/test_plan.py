@@ -110,6 +110,8 @@ def test_every_method_makes_a_valid_plan_for_the_toy(make_toy, sens, toy_obs, me
         calibration = (S.compute(toy, toy_obs, batch_size=8, transforms=(TRANSFORMED[method], transforms)), transforms)
         with pytest.raises(ValueError, match="measured on its transformed layers"):
             METHODS[method](toy, QuantConfig(method=method, w_bits=4), (sens, transforms), {})
+        with pytest.raises(ValueError, match="allocates from the untransformed layers"):
+            make_plan(toy, QuantConfig(w_bits=4), calibration[0])
     plan = METHODS[method](toy, QuantConfig(method=method, w_bits=4), calibration, {})
     assert plan.method == method and set(plan.bits) == {"0", "3", "5"}
     assert plan.signature == signature(layer_shapes(toy.model, plan.bits))

@@ -32,6 +32,9 @@ def problem_from(sens: Sensitivity, cfg: QuantConfig, table: str) -> tuple[alloc
 
 
 def make_plan(policy, cfg: QuantConfig, sens: Sensitivity, provenance: dict | None = None) -> Plan:
+    if sens.meta.get("transforms") and cfg.method in ("qvla", "qvla-sq", "qvla-awq"):
+        raise ValueError(f"{cfg.method} allocates from the untransformed layers' sensitivities, these were "
+                         f"measured on transformed ones ({sens.meta['transforms']})")
     if sens.meta["a_bits"] != cfg.a_bits:
         raise ValueError(f"sensitivity was computed for a_bits={sens.meta['a_bits']}, plan wants {cfg.a_bits}")
     problem, layers = problem_from(sens, cfg, cfg.proxy)

@@ -13,7 +13,7 @@ from qvla.quant.methods.smoothquant import smoothing_transforms
 def transforms_for(policy, cfg: QuantConfig, observations) -> dict:
     rot = rotations(policy, cfg, observations)
     smooth = smoothing_transforms(policy, observations, list(rot), cfg.alpha)
-    return {n: {**smooth[n], **t} for n, t in rot.items()}
+    return {n: {**smooth.get(n, {}), **t} for n, t in rot.items()}  # a layer never reached keeps no scale
 
 
 def make_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None = None):
