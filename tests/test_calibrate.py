@@ -151,3 +151,23 @@ def test_bias_corrected_checkpoint_loads_biases_onto_bias_free_layers(chunk_ckpt
     assert real.model.get_submodule(down).bias is not None and sim.model.get_submodule(down).bias is not None
     o = load_calibration(calib[0])[1][0]
     assert np.abs(real.act(o) - sim.act(o)).max() < 0.02
+
+
+def test_tied_swiglu_channels_share_bits_and_fold_into_the_down_projection(chunk_ckpt, calib, tmp_path):
+    import shutil
+
+    from qvla.policies import load_policy
+
+    short = shutil.copytree(calib[0], tmp_path / "calib")
+    manifest = json.loads((short / "manifest.json").read_text())
+    manifest["episodes"][0]["calls"] = 4
+    (short / "manifest.json").write_text(json.dumps(manifest))
+    path = quantize(str(chunk_ckpt), QuantConfig(method="qvla", w_bits=3, tie=True), short, tmp_path / "q")
+    real, sim = load_policy(path), load_policy(path, kernels="simulated")
+    for gate, up in real.tied_channels():
+        assert np.array_equal(real.plan.bits[gate], real.plan.bits[up])
+        if len(set(real.plan.bits[gate].tolist())) > 1:
+            assert real.model.get_submodule(gate).folded and real.model.get_submodule(up).folded
+    assert any(real.model.get_submodule(g).folded for g, _ in real.tied_channels())
+    o = load_calibration(short)[1][0]
+    assert np.abs(real.act(o) - sim.act(o)).max() < 0.05

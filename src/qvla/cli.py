@@ -87,7 +87,7 @@ def _quantize(a: argparse.Namespace) -> None:
 
     cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, form=a.form, proxy=a.proxy,
                       solver=a.solver, pins=_pins(a.keep), no_prune=tuple(a.no_prune), probes=a.probes,
-                      count=a.count, weighting=a.weighting)
+                      count=a.count, weighting=a.weighting, tie=a.tie)
     out = quantize(a.policy, cfg, a.calib, a.out, a.suite)
     q = json.loads((out / "config.json").read_text())["quantization"]
     print(f"{a.method} W{a.w_bits:g}A{a.a_bits}: average {q['average_bits']:.3f} bits per weight -> {out}")
@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the budget counts bits as stored on disk, or as the CPU kernels hold them (2 bits as 4)")
     q.add_argument("--weighting", default="steps", choices=["steps", "episode"],
                    help="calibration steps weigh 1 each, or each calibration episode weighs the same")
+    q.add_argument("--tie", action="store_true",
+                   help="channels multiplied elementwise (SwiGLU gate/up) share bits, so the down projection "
+                        "absorbs their bucket order instead of an index copy at run time")
     q.add_argument("--out", required=True)
     q.set_defaults(func=_quantize)
 

@@ -188,3 +188,18 @@ def test_held_widths_budget_is_met_as_the_kernels_hold_bits(data):
     held = np.array([allocate.HELD[int(b)] for b in bits])
     assert (p.fan_in * held).sum() / p.fan_in.sum() <= budget + 1e-9
     assert p.average_bits(bits) <= budget + 1e-9
+
+
+def test_tied_channels_share_bits_and_cost_what_both_cost():
+    from qvla.quant.methods.qvla import tie
+
+    rng = np.random.default_rng(0)
+    cost = np.sort(rng.random((6, 5)), 1)  # cost grows as bits fall
+    cost[:, 0] = 0
+    p = allocate.Problem(cost, np.full(6, 8.0), np.ones((6, 5), dtype=bool))
+    owner = np.array([0, 1, 2, 0, 1, 2])  # channels 3..5 tied to 0..2
+    merged, expand = tie(p, owner)
+    assert merged.cost.shape == (3, 5) and np.allclose(merged.cost, cost[:3] + cost[3:])
+    assert merged.fan_in.tolist() == [16.0] * 3
+    bits = allocate.greedy(merged, 4.0)[expand]
+    assert (bits[:3] == bits[3:]).all() and p.average_bits(bits) <= 4.0 + 1e-9

@@ -250,18 +250,25 @@ def test_mixed_policy_folds_its_pairs_and_acts_as_unfolded(chunk_ckpt, tmp_path,
 
     rtn = METHODS["rtn"]
 
+    tied = {"llm.layers.0.mlp.gate_proj": "llm.layers.0.mlp.up_proj"}  # layer 1's gate and up stay untied
+
     def random_mixed(policy, cfg, data, provenance):  # every bit width in every layer
         plan = rtn(policy, cfg, data, provenance)
         g = torch.Generator().manual_seed(0)
         widths = torch.tensor([16, 8, 4, 2, 0], dtype=torch.int8)
         plan.bits = {n: widths[torch.randint(0, 5, b.shape, generator=g)] for n, b in plan.bits.items()}
+        for a, b in tied.items():
+            plan.bits[b] = plan.bits[a].clone()
         return plan
 
     monkeypatch.setitem(METHODS, "rtn", random_mixed)
     path = quantize(str(chunk_ckpt), QuantConfig(method="rtn", w_bits=8, a_bits=16), None, tmp_path / "q")
     folded = load_policy(path)
     pairs = folded.fold_pairs()
-    assert pairs and all(folded.model.get_submodule(p).folded for p, _ in pairs)
+    untied = {"llm.layers.1.mlp.gate_proj", "llm.layers.1.mlp.up_proj"}
+    assert untied <= {p for p, _ in pairs} and set(tied) <= {p for p, _ in pairs}
+    # tied SwiGLU producers fold with everything else; untied ones (two different orders) do not
+    assert all(folded.model.get_submodule(p).folded == (p not in untied) for p, _ in pairs)
     monkeypatch.setattr(MicroVLAPolicy, "fold_pairs", lambda self: [])
     plain = load_policy(path)
     assert not any(plain.model.get_submodule(p).folded for p, _ in pairs)

@@ -28,7 +28,12 @@ class Policy(Protocol):
     def fold_pairs(self) -> list[tuple[str, str]]:
         """(producer, consumer) Linear pairs where the producer's outputs reach only the consumer, through
         elementwise ops: a mixed-precision producer may emit its channels permuted, the consumer's input
-        columns absorbing the permutation. Optional; no pairs means no folding."""
+        columns absorbing the permutation. Pairs that share a consumer fold only when their producers emit
+        the same order. Optional; no pairs means no folding."""
+        ...
+
+    def tied_channels(self) -> list[list[str]]:
+        """Groups of layers whose channel c must share its bits (outputs multiplied elementwise). Optional."""
         ...
 
 

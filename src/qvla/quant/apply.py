@@ -195,12 +195,16 @@ LOADERS: dict[str, Callable] = {"real": packed_layer, "simulated": _simulated}
 def folds(policy, plan: Plan) -> dict[str, tuple[str, torch.Tensor]]:
     """producer -> (consumer, the producer's bucket order) for the policy's foldable Linear pairs whose
     producer's bucket order is not already the identity (so folding removes a scatter)."""
-    out = {}
+    by_consumer: dict[str, dict[str, torch.Tensor]] = {}
     for p, c in getattr(policy, "fold_pairs", list)():
         if p in plan.bits and c in plan.bits:
-            order = bucket_order(plan.bits[p])
-            if not torch.equal(order, torch.arange(len(order))):
-                out[p] = (c, order)
+            by_consumer.setdefault(c, {})[p] = bucket_order(plan.bits[p])
+    out = {}
+    for c, orders in by_consumer.items():
+        first = next(iter(orders.values()))
+        # producers of one consumer (SwiGLU's gate and up) fold only if they emit one and the same order
+        if all(torch.equal(o, first) for o in orders.values()) and not torch.equal(first, torch.arange(len(first))):
+            out.update({p: (c, o) for p, o in orders.items()})
     return out
 
 

@@ -91,10 +91,22 @@ class MicroVLAPolicy:
         return roles_by_prefix(self.model, ROLE_TABLE)
 
     def fold_pairs(self) -> list[tuple[str, str]]:
-        # fc1 -> GELU -> fc2 in each ViT block and in the projector; the LLM's SwiGLU multiplies gate and up
-        # channel by channel (their bit widths differ), and the action head reuses fc1's output twice
+        # fc1 -> GELU -> fc2 in each ViT block and in the projector; gate / up -> SwiGLU -> down in each LLM
+        # layer, which folds only where gate and up emit the same order (their bits tied: tied_channels());
+        # the action head reuses fc1's output twice
         blocks = [f"vision.blocks.{i}" for i in range(len(self.model.vision.blocks))]
-        return [(f"{b}.fc1", f"{b}.fc2") for b in [*blocks, "projector"]]
+        pairs = [(f"{b}.fc1", f"{b}.fc2") for b in [*blocks, "projector"]]
+        for mlp in self._swiglu():
+            pairs += [(f"{mlp}.gate_proj", f"{mlp}.down_proj"), (f"{mlp}.up_proj", f"{mlp}.down_proj")]
+        return pairs
+
+    def tied_channels(self) -> list[list[str]]:
+        """Layers whose channel c is multiplied elementwise (SwiGLU's gate and up): `qvla quantize --tie` gives
+        them the same bits per channel, so both emit one bucket order that the down projection absorbs."""
+        return [[f"{mlp}.gate_proj", f"{mlp}.up_proj"] for mlp in self._swiglu()]
+
+    def _swiglu(self) -> list[str]:
+        return [f"llm.layers.{i}.mlp" for i in range(len(self.model.llm.layers))]
 
 
 __all__ = ["VARIANTS", "MicroVLAConfig", "MicroVLAPolicy", "MicroVLA"]

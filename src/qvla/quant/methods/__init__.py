@@ -26,6 +26,7 @@ class QuantConfig:
     probes: int | None = None  # backward passes per batch: None = exact (continuous) / 16 (KL)
     alpha: float = 0.5  # SmoothQuant's migration strength
     count: str = "stored"  # the budget counts bits as "stored" on disk, or as "held" by the CPU kernels
+    tie: bool = False  # channels the policy ties (SwiGLU gate/up) share bits, so their permutation folds
     bias_correct: bool = False  # method "M+bc": M, then bias correction on the calibration inputs
     weighting: str = "steps"  # calibration steps weigh 1 each ("steps") or each episode weighs the same ("episode")
 
