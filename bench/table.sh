@@ -16,4 +16,5 @@ $Q --settings W4A4 --methods omniquant
 $Q --settings W8A8,W4A4 --methods qvla-sq
 $Q --settings W4A16,W4A4 --methods qvla-awq
 $Q --settings W4A16,W4A4 --methods quarot,qvla-rot
+$Q --settings W4A4 --methods qvla-srot,qvla-rot+bc
 .venv/bin/python bench/sweep.py --policy "$P" --calib "$OUT/calib" --form "$FORM" --episodes-per-task "$N" --baselines rtn --out "$OUT"
