@@ -96,23 +96,17 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
             raise ValueError(f"method {cfg.method} needs --calib (a directory written by 'qvla calibrate')")
         path, policy, manifest, observations, weights = _load(policy_ref, calib, suite)
         provenance.update({"calibration": str(calib), "calibration_episodes": len(manifest["episodes"])})
-        if needs == "transformed":
-            transforms = transforms_for(cfg.method)(policy, cfg, observations)
+        transforms = None
+        if needs in ("sensitivity", "both", "transformed"):
+            if needs == "transformed":  # measured on the layers after the method's own transforms
+                transforms = (TRANSFORMED[cfg.method], transforms_for(cfg.method)(policy, cfg, observations))
             sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits,
-                                         cfg.batch_size, cfg.probes, transforms=(TRANSFORMED[cfg.method], transforms),
-                                         weighting=cfg.weighting)
+                                         cfg.batch_size, cfg.probes, transforms=transforms, weighting=cfg.weighting)
             provenance["sensitivity_file"] = str(file)
-            plan = METHODS[cfg.method](policy, cfg, (sens, transforms), provenance)
-        elif needs in ("sensitivity", "both"):
-            sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits,
-                                         cfg.batch_size, cfg.probes, weighting=cfg.weighting)
-            provenance["sensitivity_file"] = str(file)
-            plan = METHODS[cfg.method](policy, cfg, sens if needs == "sensitivity" else (sens, observations),
-                                       provenance)
-        elif needs is None:
-            plan = METHODS[cfg.method](policy, cfg, None, provenance)
-        else:  # the baselines calibrate on the same observations, layer by layer
-            plan = METHODS[cfg.method](policy, cfg, observations, provenance)
+        # what each kind of method calibrates on; the baselines ("observations") per layer on the same steps
+        calibration = {None: lambda: None, "observations": lambda: observations, "sensitivity": lambda: sens,
+                       "both": lambda: (sens, observations), "transformed": lambda: (sens, transforms[1])}[needs]()
+        plan = METHODS[cfg.method](policy, cfg, calibration, provenance)
         if cfg.bias_correct:
             plan = correct_biases(policy, plan, observations)
     plan.provenance["weights_sha256"] = weights
