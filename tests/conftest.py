@@ -15,6 +15,12 @@ from qvla.envs import EpisodeSpec, Observation, Suite, get_suite
 DEMO_TASKS = ["reach", "drawer-close"]  # the two shortest expert episodes (about 35 and 80 steps)
 
 
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Each test starts from the same global RNG state, so its outcome does not depend on which tests ran first."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def suite() -> Suite:
     return get_suite("mt10")

@@ -65,10 +65,20 @@ def test_signs_that_are_not_plus_minus_one_are_refused():
 def test_transformed_sensitivity_errors_are_the_transformed_layers_errors(a_bits):
     """output_errors under a transform is exactly what QuantLinear with that transform produces."""
     lin, x = layer_and_inputs(k=64)
-    t = {"in_signs": random_signs(64, 2), "in_scale": torch.rand(64) + 0.5, "in_shift": torch.randn(64)}
+    g = torch.Generator().manual_seed(2)
+    t = {"in_signs": random_signs(64, 2), "in_scale": torch.rand(64, generator=g) + 0.5,
+         "in_shift": torch.randn(64, generator=g)}
     with torch.no_grad():
         errs = output_errors(lin, x, a_bits, 1, t)
         for b in (8, 4, 2, 16):
             q = QuantLinear.from_linear(lin, torch.full((24,), b), a_bits, t)
             assert torch.allclose(errs[b][0], q(x) - lin(x), atol=1e-4)
-    assert float(errs[4].pow(2).sum()) < float(output_errors(lin, x, a_bits, 1)[4].pow(2).sum())
+
+
+def test_transformed_sensitivity_sees_that_rotation_helps_w4a4():
+    """With 4-bit activations and an outlier input channel, the rotated errors the allocator sees are smaller."""
+    lin, x = layer_and_inputs(k=64)
+    with torch.no_grad():
+        rotated = output_errors(lin, x, 4, 1, {"in_signs": random_signs(64, 2)})[4]
+        plain = output_errors(lin, x, 4, 1)[4]
+    assert float(rotated.pow(2).sum()) < 0.5 * float(plain.pow(2).sum())
