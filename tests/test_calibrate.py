@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import qvla.calibrate
 from qvla.calibrate import collect, load_calibration
@@ -137,6 +138,14 @@ def test_qvla_rot_measures_rotated_sensitivities_and_never_folds_into_a_rotated_
     real, sim = load_policy(path), load_policy(path, kernels="simulated")
     assert not any(getattr(m, "folded", False) for m in real.model.modules())
     o = load_calibration(short)[1][0]
+    assert np.abs(real.act(o) - sim.act(o)).max() < 0.05
+    # qvla-rot-gptq: the same rotated tables (no new file), GPTQ's weights on the same planned bits
+    path = quantize(str(chunk_ckpt), QuantConfig(method="qvla-rot-gptq", w_bits=4), short, tmp_path / "g16")
+    assert len(list(short.glob("sensitivity-*"))) == 2
+    gptq = Plan.load(path)
+    assert gptq.method == "qvla-rot-gptq" and all(torch.equal(gptq.bits[n], b) for n, b in Plan.load(tmp_path / "q16").bits.items())
+    assert all({"in_signs", "weight"} <= set(t) for n, t in gptq.transforms.items() if ((gptq.bits[n] % 16) > 0).any())
+    real, sim = load_policy(path), load_policy(path, kernels="simulated")
     assert np.abs(real.act(o) - sim.act(o)).max() < 0.05
 
 

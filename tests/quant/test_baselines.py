@@ -14,7 +14,7 @@ from qvla.quant.methods.awq import output_error, search_clip, search_scale
 from qvla.quant.methods.gptq import gptq_quantize
 from qvla.quant.methods.omniquant import train_layer
 from qvla.quant.methods.smoothquant import smooth_scales
-from qvla.quant.primitives import fake_quant_activation, fake_quant_rows
+from qvla.quant.primitives import fake_quant_activation, fake_quant_mixed, fake_quant_rows
 
 
 def layer_and_inputs(n: int = 24, k: int = 32, rows: int = 512, seed: int = 0):
@@ -193,3 +193,22 @@ def test_bias_correction_suffix_parses_and_needs_calibration(tmp_path, chunk_ckp
         quantize(str(chunk_ckpt), QuantConfig(method="rtn+bc", w_bits=4), None, tmp_path / "q")
     with pytest.raises(KeyError, match="unknown method 'nope'"):
         QuantConfig(method="nope+bc")
+
+
+def test_gptq_at_mixed_bits_is_gptq_row_by_row():
+    """Per-row widths: each row is what uniform GPTQ at that row's width makes of it, rows at 16 stay exact,
+    pruned rows are zero, and the layer's error is no larger than rounding each row to its width."""
+    lin, x = layer_and_inputs(rows=1024)
+    w, h = lin.weight.detach(), 2 * x.t().double() @ x.double() / len(x)
+    bits = torch.tensor([8, 4, 2, 16, 0, 4] * 4)
+    q, scale, zero = gptq_quantize(w, h, bits)
+    for b in (8, 4, 2):
+        rows = bits == b
+        assert torch.allclose(q[rows], gptq_quantize(w, h, b)[0][rows], atol=1e-5)
+    assert torch.equal(q[bits == 16], w[bits == 16]) and not q[bits == 0].any()
+    err = lambda wq: float((x @ (wq - w).t()).pow(2).sum())  # noqa: E731
+    assert err(q) < err(fake_quant_mixed(w, bits))
+    layer = QuantLinear.from_linear(lin, bits, 16, {"weight": q, "grid_scale": scale, "grid_zero": zero})
+    assert torch.allclose(layer.weight, q, atol=1e-6)  # the checkpoint keeps GPTQ's codes at every width
+    with pytest.raises(ValueError, match="bits must be one of"):
+        gptq_quantize(w, h, torch.full((24,), 3))

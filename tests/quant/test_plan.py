@@ -107,10 +107,12 @@ def test_every_method_makes_a_valid_plan_for_the_toy(make_toy, sens, toy_obs, me
     calibration = {"sensitivity": sens, "observations": toy_obs, None: None, "both": (sens, toy_obs)}.get(NEEDS[method])
     if NEEDS[method] == "transformed":  # sensitivities measured on the layers the method transforms first
         transforms = transforms_for(method)(toy, QuantConfig(method=method, w_bits=4), toy_obs)
-        calibration = (S.compute(toy, toy_obs, batch_size=8, transforms=(TRANSFORMED[method], transforms)), transforms)
-        with pytest.raises(ValueError, match="measured on its transformed layers"):
-            METHODS[method](toy, QuantConfig(method=method, w_bits=4), (sens, transforms), {})
-        with pytest.raises(ValueError, match="allocates from the untransformed layers"):
+        calibration = (S.compute(toy, toy_obs, batch_size=8, transforms=(TRANSFORMED[method], transforms)),
+                       transforms, toy_obs)
+        with pytest.raises(ValueError, match=rf"on its transformed layers \({TRANSFORMED[method]}\), these were "
+                                             "measured on untransformed ones"):
+            METHODS[method](toy, QuantConfig(method=method, w_bits=4), (sens, transforms, toy_obs), {})
+        with pytest.raises(ValueError, match="on the untransformed layers, these were measured on"):
             make_plan(toy, QuantConfig(w_bits=4), calibration[0])
     plan = METHODS[method](toy, QuantConfig(method=method, w_bits=4), calibration, {})
     assert plan.method == method and set(plan.bits) == {"0", "3", "5"}

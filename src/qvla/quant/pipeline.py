@@ -105,7 +105,7 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
             provenance["sensitivity_file"] = str(file)
         # what each kind of method calibrates on; the baselines ("observations") per layer on the same steps
         calibration = {None: lambda: None, "observations": lambda: observations, "sensitivity": lambda: sens,
-                       "both": lambda: (sens, observations), "transformed": lambda: (sens, transforms[1])}[needs]()
+                       "both": lambda: (sens, observations), "transformed": lambda: (sens, transforms[1], observations)}[needs]()
         plan = METHODS[cfg.method](policy, cfg, calibration, provenance)
         if cfg.bias_correct:
             plan = correct_biases(policy, plan, observations)

@@ -15,17 +15,40 @@ from qvla.quant.methods.rtn import layerwise_plan
 from qvla.quant.primitives import quant_params
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, damp: float = 0.01, block: int = 128
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (quantized weight, dequantized, (N, K); scale (N,); zero (N,))."""
+def mixed_grid(w: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-row grid for rows at their own bits -> (scale, zero, qmin, qmax), each (N,). Rows at 16 (kept in
+    floating point) and 0 (pruned) get a placeholder grid; gptq_quantize never rounds them."""
+    n = w.shape[0]
+    scale, zero = torch.ones(n), torch.zeros(n)
+    qmin, qmax = torch.zeros(n), torch.zeros(n)
+    for b in (2, 4, 8):
+        rows = bits == b
+        if rows.any():
+            s, z, lo, hi = quant_params(w[rows], b)
+            scale[rows], zero[rows], qmin[rows], qmax[rows] = s, z, float(lo), float(hi)
+    return scale, zero, qmin, qmax
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int | torch.Tensor, damp: float = 0.01,
+                  block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (quantized weight, dequantized, (N, K); scale (N,); zero (N,)).
+
+    bits: one width for every row, or (N,) per-row widths in {0, 2, 4, 8, 16}. GPTQ's updates are row by
+    row (every row shares the Hessian but not its rounding), so mixed widths are exact: rows at 16 stay as
+    they are, pruned rows are zero, and every other row is GPTQ at its own width."""
     w = w.clone().float()
+    bits = torch.full((w.shape[0],), int(bits)) if not torch.is_tensor(bits) else bits.long()
+    if bits.shape != (w.shape[0],) or not all(int(b) in (0, 2, 4, 8, 16) for b in bits.unique()):
+        raise ValueError(f"bits must be one of (0, 2, 4, 8, 16) per row of a {tuple(w.shape)} weight")
     h = h.clone().double()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damp * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    scale, zero, qmin, qmax = quant_params(w, bits)
+    scale, zero, qmin, qmax = mixed_grid(w, bits)
+    rounded = ((bits > 0) & (bits < 16)).float()  # rows GPTQ rounds; the others carry no error forward
+    keep = (bits == 16).float()
     q_all = torch.zeros_like(w)
     k = w.shape[1]
     for i1 in range(0, k, block):
@@ -34,19 +57,25 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, damp: float = 0.0
         hb = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i]
-            q = (torch.clamp(torch.round(col / scale) + zero, qmin, qmax) - zero) * scale
+            q = (torch.minimum(torch.maximum(torch.round(col / scale) + zero, qmin), qmax) - zero) * scale
+            q = q * rounded + col * keep
             q_all[:, i1 + i] = q
-            e = (col - q) / hb[i, i]
+            e = (col - q) * rounded / hb[i, i]
             w1[:, i:] -= e[:, None] * hb[i, i:][None]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return q_all, scale, zero
 
 
+def gptq_transform(x: torch.Tensor, w: torch.Tensor, bits: int | torch.Tensor) -> dict[str, torch.Tensor]:
+    """GPTQ of weight w (N, K) on inputs x (rows, K) -> the transform entries that make the plan apply it."""
+    q, scale, zero = gptq_quantize(w, 2 * x.t().double() @ x.double() / len(x), bits)
+    return {"weight": q, "grid_scale": scale, "grid_zero": zero}
+
+
 def make_plan(policy, cfg: QuantConfig, observations, provenance: dict | None = None):
     def transform(x: torch.Tensor, mod, bits: int) -> dict[str, torch.Tensor]:
-        q, scale, zero = gptq_quantize(mod.weight.detach(), 2 * x.t().double() @ x.double() / len(x), bits)
-        return {"weight": q, "grid_scale": scale, "grid_zero": zero}
+        return gptq_transform(x, mod.weight.detach(), bits)
 
     return layerwise_plan(policy, cfg, observations, transform, 8192,
                           {**(provenance or {}), "coverage": "Linear layers; convs RTN"})

@@ -6,7 +6,7 @@ import torch
 
 from qvla.quant import allocate
 from qvla.quant.apply import layer_shapes
-from qvla.quant.methods import QuantConfig
+from qvla.quant.methods import TRANSFORMED, QuantConfig
 from qvla.quant.plan import Plan, signature
 from qvla.quant.sensitivity import Sensitivity
 
@@ -62,9 +62,11 @@ def tie_owners(policy, sens: Sensitivity, layers: list[str]) -> np.ndarray:
 
 
 def make_plan(policy, cfg: QuantConfig, sens: Sensitivity, provenance: dict | None = None) -> Plan:
-    if sens.meta.get("transforms") and cfg.method in ("qvla", "qvla-sq", "qvla-awq"):
-        raise ValueError(f"{cfg.method} allocates from the untransformed layers' sensitivities, these were "
-                         f"measured on transformed ones ({sens.meta['transforms']})")
+    wanted = TRANSFORMED.get(cfg.method)  # None: the plain layers' tables
+    if sens.meta.get("transforms") != wanted:
+        raise ValueError(f"{cfg.method} allocates from sensitivities measured on "
+                         f"{f'its transformed layers ({wanted})' if wanted else 'the untransformed layers'}, "
+                         f"these were measured on {sens.meta.get('transforms') or 'untransformed ones'}")
     if sens.meta["a_bits"] != cfg.a_bits:
         raise ValueError(f"sensitivity was computed for a_bits={sens.meta['a_bits']}, plan wants {cfg.a_bits}")
     problem, layers = problem_from(sens, cfg, cfg.proxy)

@@ -5,7 +5,7 @@ is made from those. The rotation flattens activation outliers (A4 / A8) and make
 to round; the allocation then spends the bits where the actions need them."""
 from __future__ import annotations
 
-from qvla.quant.methods import TRANSFORMED, QuantConfig
+from qvla.quant.methods import QuantConfig
 from qvla.quant.methods.quarot import rotation_transforms
 from qvla.quant.methods.qvla import make_plan as qvla_plan
 from qvla.quant.sensitivity import quantizable
@@ -18,11 +18,8 @@ def transforms_for(policy, cfg: QuantConfig, observations) -> dict:
 
 def transformed_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None, method: str):
     """QVLA's allocation from sensitivities measured on `method`'s transformed layers, plus the transforms."""
-    sens, transforms = calibration
-    if sens.meta.get("transforms") != TRANSFORMED[method]:
-        raise ValueError(f"{method} needs sensitivities measured on its transformed layers "
-                         f"({TRANSFORMED[method]}), got {sens.meta.get('transforms')}")
-    plan = qvla_plan(policy, cfg, sens, provenance)
+    sens, transforms = calibration[:2]
+    plan = qvla_plan(policy, cfg, sens, provenance)  # which checks the tables were measured under `method`'s transforms
     plan.transforms, plan.method = transforms, method
     return plan
 
