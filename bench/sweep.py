@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", default=None)
     ap.add_argument("--budgets", default="8,6,4,3,2.5,2")
     ap.add_argument("--baselines", default="rtn,awq,gptq")
+    ap.add_argument("--method", default="qvla", help="the mixed-precision method swept (qvla, qvla-gptq, ...)")
     ap.add_argument("--episodes-per-task", type=int, default=10)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--form", default="action")
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     widths = sorted({max(w for w in UNIFORM_WIDTHS if w <= b) for b in budgets if b >= min(UNIFORM_WIDTHS)})
     base = run_table(a.policy, [f"W{w:g}A16" for w in widths], a.baselines.split(","), a.episodes_per_task,
                      a.out, a.calib, workers=a.workers, form=a.form)
-    ours = run_table(a.policy, [f"W{b:g}A16" for b in budgets], ["qvla"], a.episodes_per_task, a.out, a.calib,
+    ours = run_table(a.policy, [f"W{b:g}A16" for b in budgets], [a.method], a.episodes_per_task, a.out, a.calib,
                      workers=a.workers, form=a.form)
     base_methods = set(a.baselines.split(","))
     best = {}
@@ -42,23 +43,24 @@ def main(argv=None) -> int:
         if w not in best or r["success_rate"] > best[w]["success_rate"]:
             best[w] = r
     points = []
-    qvla_rows = {r["setting"]: r for r in ours["rows"] if r["method"] == "qvla"}
+    qvla_rows = {r["setting"]: r for r in ours["rows"] if r["method"] == a.method}
     for b in budgets:
         r = qvla_rows[f"W{b:g}A16"]
         fit = max((w for w in best if w <= b), default=None)
         points.append({"budget": b, "qvla": r["success_rate"], "qvla_average_bits": r["average_bits"],
                        "baseline": best[fit]["success_rate"] if fit else None,
                        "baseline_method": f"{best[fit]['method']} W{fit:g}" if fit else None})
-    result = {"policy": a.policy, "fp": ours["fp"], "episodes_per_task": a.episodes_per_task, "points": points}
+    result = {"policy": a.policy, "method": a.method, "fp": ours["fp"], "episodes_per_task": a.episodes_per_task, "points": points}
     out = Path(a.out)
-    (out / "sweep.json").write_text(json.dumps(result, indent=1))
+    stem = "sweep" if a.method == "qvla" else f"sweep-{a.method}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([p["budget"] for p in points], [100 * p["qvla"] for p in points], "o-", label="QVLA (mixed)")
+    ax.plot([p["budget"] for p in points], [100 * p["qvla"] for p in points], "o-", label=f"{a.method} (mixed)")
     pts = [(p["budget"], 100 * p["baseline"]) for p in points if p["baseline"] is not None]
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", label="best uniform baseline that fits")
     ax.axhline(100 * result["fp"], color="gray", lw=1, label="full precision")
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     ax.invert_xaxis()
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=120)
+    fig.savefig(out / f"{stem}.png", dpi=120)
     print(json.dumps(points, indent=1))
     return 0
 
