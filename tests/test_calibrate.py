@@ -162,6 +162,23 @@ def test_bias_corrected_checkpoint_loads_biases_onto_bias_free_layers(chunk_ckpt
     assert np.abs(real.act(o) - sim.act(o)).max() < 0.02
 
 
+def test_activation_clipped_checkpoint_keeps_its_ratios_on_both_kernel_paths(chunk_ckpt, calib, tmp_path):
+    from qvla.policies import load_policy
+    from qvla.quant.plan import Plan
+
+    path = quantize(str(chunk_ckpt), QuantConfig(method="rtn+ac+bc", w_bits=8, a_bits=8), calib[0], tmp_path / "q")
+    plan = Plan.load(path)
+    assert plan.method == "rtn+ac+bc" and plan.provenance["a_clip"]
+    ratios = {n: float(t["a_clip"]) for n, t in plan.transforms.items()}
+    assert set(ratios) == set(plan.provenance["a_clip"]) and all(0.5 <= r <= 1 for r in ratios.values())
+    real, sim = load_policy(path), load_policy(path, kernels="simulated")
+    name = next(iter(ratios))
+    for p in (real, sim):
+        assert float(p.model.get_submodule(name).inp["a_clip"]) == pytest.approx(ratios[name])
+    o = load_calibration(calib[0])[1][0]
+    assert np.abs(real.act(o) - sim.act(o)).max() < 0.02
+
+
 def test_tied_swiglu_channels_share_bits_and_fold_into_the_down_projection(chunk_ckpt, calib, tmp_path):
     import shutil
 
