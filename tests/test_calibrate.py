@@ -162,6 +162,27 @@ def test_bias_corrected_checkpoint_loads_biases_onto_bias_free_layers(chunk_ckpt
     assert np.abs(real.act(o) - sim.act(o)).max() < 0.02
 
 
+def test_activation_clipped_checkpoint_keeps_its_ratios_on_both_kernel_paths(chunk_ckpt, calib, tmp_path):
+    from qvla.policies import load_policy
+    from qvla.quant.plan import Plan
+
+    path = quantize(str(chunk_ckpt), QuantConfig(method="rtn+ac+bc", w_bits=8, a_bits=4), calib[0], tmp_path / "q")
+    plan = Plan.load(path)
+    assert plan.method == "rtn+ac+bc" and plan.provenance["a_clip"]
+    ratios = {n: float(t["a_clip"]) for n, t in plan.transforms.items()}
+    assert set(ratios) == set(plan.provenance["a_clip"]) and all(0.5 <= r <= 1 for r in ratios.values())
+    assert min(ratios.values()) < 1  # at A4 some layers gain from clipping
+    real, sim = load_policy(path), load_policy(path, kernels="simulated")
+    for name, r in ratios.items():
+        for p in (real, sim):
+            assert float(p.model.get_submodule(name).inp["a_clip"]) == pytest.approx(r)
+    o = load_calibration(calib[0])[1][0]
+    clipped = sim.act(o)
+    for name in ratios:  # the ratios take effect: without them the same checkpoint acts differently
+        sim.model.get_submodule(name).inp["a_clip"] = torch.ones(1)
+    assert np.abs(sim.act(o) - clipped).max() > 1e-4
+
+
 def test_tied_swiglu_channels_share_bits_and_fold_into_the_down_projection(chunk_ckpt, calib, tmp_path):
     import shutil
 

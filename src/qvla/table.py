@@ -56,11 +56,11 @@ def run_table(policy: str, settings: list[str], methods: list[str], episodes_per
     from qvla.checkpoint import WEIGHTS, sha256
     from qvla.evaluate import evaluate
     from qvla.policies import resolve
-    from qvla.quant.methods import BC, METHODS, QuantConfig
+    from qvla.quant.methods import METHODS, QuantConfig, split_method
     from qvla.quant.pipeline import quantize
 
     parsed = {s: parse_setting(s) for s in settings}
-    unknown = [m for m in methods if m.removesuffix(BC) not in METHODS]
+    unknown = [m for m in methods if split_method(m)[0] not in METHODS]
     if unknown:
         raise KeyError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
     if episodes_per_task < 1:

@@ -189,7 +189,7 @@ def test_bias_correction_suffix_parses_and_needs_calibration(tmp_path, chunk_ckp
 
     cfg = QuantConfig(method="qvla+bc", w_bits=4)
     assert cfg.method == "qvla" and cfg.bias_correct
-    with pytest.raises(ValueError, match=r"bias correction \(rtn\+bc\) needs --calib"):
+    with pytest.raises(ValueError, match=r"bias correction \(\+bc\) of rtn needs --calib"):
         quantize(str(chunk_ckpt), QuantConfig(method="rtn+bc", w_bits=4), None, tmp_path / "q")
     with pytest.raises(KeyError, match="unknown method 'nope'"):
         QuantConfig(method="nope+bc")

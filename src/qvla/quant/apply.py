@@ -28,7 +28,7 @@ from qvla.quant.storage import (
 )
 
 
-TRANSFORM_KEYS = ("in_scale", "in_shift", "in_signs", "bias_add", "clip", "clip_lo", "weight", "grid_scale", "grid_zero")
+TRANSFORM_KEYS = ("in_scale", "in_shift", "in_signs", "a_clip", "bias_add", "clip", "clip_lo", "weight", "grid_scale", "grid_zero")
 
 
 def transformed(w: torch.Tensor, bias: torch.Tensor | None, t: dict[str, torch.Tensor] | None):
@@ -110,7 +110,8 @@ class QuantLinear(nn.Module):
         return {**to_storage(p["codes"], p["scale"], p["zero"], p["bits"], p["fp_rows"]), **self.inp}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fake_quant_activation(input_transform(x, self.inp), self.a_bits), self.weight, self.bias)
+        x = fake_quant_activation(input_transform(x, self.inp), self.a_bits, self.inp.get("a_clip"))
+        return F.linear(x, self.weight, self.bias)
 
 
 class QuantConv2d(QuantLinear):

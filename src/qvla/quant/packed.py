@@ -59,7 +59,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = fake_quant_activation(input_transform(x.reshape(-1, self.in_features).float(), self.inp), self.a_bits)
+        x2 = fake_quant_activation(input_transform(x.reshape(-1, self.in_features).float(), self.inp), self.a_bits,
+                                   self.inp.get("a_clip"))
         if self.direct:
             y = self.buckets[0][1](x2)
         elif self.folded:  # bucket order: the next layer's weights take the permutation

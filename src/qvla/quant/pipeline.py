@@ -18,6 +18,7 @@ from qvla.calibrate import load_calibration
 from qvla.checkpoint import WEIGHTS, read_meta, save_checkpoint, sha256
 from qvla.quant import sensitivity as S
 from qvla.quant.apply import quantize_, quantized_tensors
+from qvla.quant.activation_clip import clip_activations
 from qvla.quant.bias_correction import correct_biases
 from qvla.quant.methods import METHODS, NEEDS, TRANSFORMED, QuantConfig, transforms_for
 
@@ -84,9 +85,11 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
     torch.set_flush_denormal(True)
     provenance: dict = {"policy_ref": str(policy_ref), "config": {**cfg.__dict__, "no_prune": list(cfg.no_prune)}}
     needs = NEEDS[cfg.method]
-    if cfg.bias_correct and calib is None:
-        raise ValueError(f"bias correction ({cfg.method}+bc) needs --calib (a directory written by 'qvla calibrate')")
-    if needs is None and not cfg.bias_correct:
+    refine = [(f, label) for f, on, label in ((clip_activations, cfg.act_clip, "activation clipping (+ac)"),
+                                                (correct_biases, cfg.bias_correct, "bias correction (+bc)")) if on]
+    if refine and calib is None:
+        raise ValueError(f"{refine[0][1]} of {cfg.method} needs --calib (a directory written by 'qvla calibrate')")
+    if needs is None and not refine:
         path = resolve(policy_ref)
         policy = load_policy(path)
         plan = METHODS[cfg.method](policy, cfg, None, provenance)
@@ -107,8 +110,8 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
         calibration = {None: lambda: None, "observations": lambda: observations, "sensitivity": lambda: sens,
                        "both": lambda: (sens, observations), "transformed": lambda: (sens, transforms[1], observations)}[needs]()
         plan = METHODS[cfg.method](policy, cfg, calibration, provenance)
-        if cfg.bias_correct:
-            plan = correct_biases(policy, plan, observations)
+        for stage, _ in refine:  # activation clipping, then bias correction (which sees the clipped layer)
+            plan = stage(policy, plan, observations)
     plan.provenance["weights_sha256"] = weights
     quantize_(policy, plan)
     meta = read_meta(path)

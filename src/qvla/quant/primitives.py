@@ -80,14 +80,17 @@ def fake_quant_mixed(w: torch.Tensor, bits_per_row: torch.Tensor, clip: torch.Te
     return out
 
 
-def fake_quant_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-token (last dim) dynamic symmetric quantization; 16 leaves x alone."""
+def fake_quant_activation(x: torch.Tensor, bits: int, clip: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Per-token (last dim) dynamic symmetric quantization; 16 leaves x alone. clip in (0, 1] lays each
+    token's grid on that fraction of its largest magnitude (values beyond it saturate)."""
     if bits >= 16:
         return x
     if bits not in (4, 8):
         raise ValueError(f"activation bits must be 4, 8 or 16, got {bits}")
     qmax = 2 ** (bits - 1) - 1
     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
+    if clip is not None:
+        scale = scale * clip
     return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
 
 

@@ -44,13 +44,13 @@ def quantizable(model: nn.Module, roles: dict[str, str]) -> dict[str, nn.Module]
     return {n: mods[n] for n, r in roles.items() if r != "embedding" and isinstance(mods[n], (nn.Linear, nn.Conv2d))}
 
 
-def quant_act_input(mod: nn.Module, x: torch.Tensor, a_bits: int) -> torch.Tensor:
+def quant_act_input(mod: nn.Module, x: torch.Tensor, a_bits: int, clip: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token activation quantization; for a conv a token is one spatial position (all channels)."""
     if a_bits >= 16:
         return x
     if isinstance(mod, nn.Conv2d):
         return fake_quant_activation(x.movedim(1, -1), a_bits).movedim(-1, 1)
-    return fake_quant_activation(x, a_bits)
+    return fake_quant_activation(x, a_bits, clip)
 
 
 def apply_weight(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ def output_errors(mod: nn.Module, x: torch.Tensor, a_bits: int, batch: int,
     w = mod.weight.detach()
     ref = apply_weight(mod, x, w)
     wt, shift, inp = transformed(w, None, t) if t else (w, None, {})
-    xa = quant_act_input(mod, input_transform(x, inp) if inp else x, a_bits)
+    xa = quant_act_input(mod, input_transform(x, inp) if inp else x, a_bits, inp.get("a_clip"))
     if shift is not None:
         ref = ref - shift
     conv = isinstance(mod, nn.Conv2d)

@@ -11,6 +11,7 @@ A layer with N output channels and K inputs per channel (a conv's C*kh*kw) is st
   w16   fp16 (n16, K)               channels kept in floating point
   in_scale, in_shift fp32 (K,)      optional input transform x -> (x - in_shift) / in_scale (baselines)
   in_signs fp32 (K,)                optional rotation after it, x -> H diag(in_signs) x (rotation.py)
+  a_clip   fp32 (1,)                optional activation clipping ratio in (0, 1] (activation_clip.py)
 Rows of each bucket appear in channel order. 0-bit channels hold nothing.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from qvla.quant.packing import pack, unpack
 from qvla.quant.rotation import rotate_inputs
 
 STORED_BITS = (2, 4, 8)
-INPUT_KEYS = ("in_scale", "in_shift", "in_signs")  # the activation side of an equivalent transform
+INPUT_KEYS = ("in_scale", "in_shift", "in_signs", "a_clip")  # the activation side of the layer's transform
+INPUT_SHAPES = {"in_scale": "K", "in_shift": "K", "in_signs": "K", "a_clip": 1}  # a_clip: one ratio per layer
 
 
 def to_storage(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: torch.Tensor,
@@ -125,8 +127,11 @@ def validate_storage(storage: dict[str, torch.Tensor], shape, where: str) -> Non
         raise ValueError(f"{where}: bits has shape {tuple(bits.shape)}, layer has {shape[0]} channels")
     k = int(torch.tensor(shape[1:]).prod())
     for key in INPUT_KEYS:
-        if key in storage and tuple(storage[key].shape) != (k,):
-            raise ValueError(f"{where}: {key} has shape {tuple(storage[key].shape)}, expected ({k},)")
+        want = (k if INPUT_SHAPES[key] == "K" else INPUT_SHAPES[key],)
+        if key in storage and tuple(storage[key].shape) != want:
+            raise ValueError(f"{where}: {key} has shape {tuple(storage[key].shape)}, expected {want}")
+    if "a_clip" in storage and not bool(((storage["a_clip"] > 0) & (storage["a_clip"] <= 1)).all()):
+        raise ValueError(f"{where}: a_clip must lie in (0, 1], got {storage['a_clip'].tolist()}")
     bad = sorted(set(bits.unique().tolist()) - {0, 2, 4, 8, 16})
     if "in_signs" in storage and not bool((storage["in_signs"].abs() == 1).all()):
         raise ValueError(f"{where}: in_signs must hold only +1 and -1")

@@ -9,7 +9,19 @@ from qvla.quant.plan import A_BITS
 from qvla.quant.primitives import BITS
 
 
-BC = "+bc"  # suffix: any method followed by bias correction (bias_correction.py)
+# suffixes: any method followed by a stage that refines its plan, applied in this order
+SUFFIXES = {"+ac": "act_clip",  # activation clipping ratios (activation_clip.py)
+            "+bc": "bias_correct"}  # bias correction (bias_correction.py)
+
+
+def split_method(name: str) -> tuple[str, set[str]]:
+    """'qvla-rot+ac+bc' -> ('qvla-rot', {'+ac', '+bc'})."""
+    found = set()
+    while any(name.endswith(s) for s in SUFFIXES):
+        suffix = next(s for s in SUFFIXES if name.endswith(s))
+        found.add(suffix)
+        name = name[: -len(suffix)]
+    return name, found
 
 
 @dataclass
@@ -28,11 +40,15 @@ class QuantConfig:
     count: str = "stored"  # the budget counts bits as "stored" on disk, or as "held" by the CPU kernels
     tie: bool = False  # channels the policy ties (SwiGLU gate/up) share bits, so their permutation folds
     bias_correct: bool = False  # method "M+bc": M, then bias correction on the calibration inputs
+    act_clip: bool = False  # method "M+ac": M, then per-layer activation clipping ratios (A8 / A4)
     weighting: str = "steps"  # calibration steps weigh 1 each ("steps") or each episode weighs the same ("episode")
 
     def __post_init__(self) -> None:
-        if self.method.endswith(BC):
-            self.method, self.bias_correct = self.method[: -len(BC)], True
+        self.method, suffixes = split_method(self.method)
+        for s in suffixes:
+            setattr(self, SUFFIXES[s], True)
+        if self.act_clip and self.a_bits >= 16:
+            raise ValueError(f"activation clipping ({self.method}+ac) needs --a-bits 8 or 4, got {self.a_bits}")
         if self.method not in METHODS:
             raise KeyError(f"unknown method {self.method!r}; available: {sorted(METHODS)}")
         if not (0 < self.w_bits <= 16):
