@@ -17,4 +17,7 @@ $Q --settings W8A8,W4A4 --methods qvla-sq
 $Q --settings W4A16,W4A4 --methods qvla-awq
 $Q --settings W4A16,W4A4 --methods quarot,qvla-rot
 $Q --settings W4A4 --methods qvla-srot,qvla-rot+bc
+$Q --settings W4A16,W4A4 --methods qvla-gptq,qvla-rot-gptq
+$Q --settings W4A4 --methods qvla-rot-gptq+ac
+$Q --settings W3A16 --methods qvla-gptq
 .venv/bin/python bench/sweep.py --policy "$P" --calib "$OUT/calib" --form "$FORM" --episodes-per-task "$N" --baselines rtn --out "$OUT"
