@@ -20,4 +20,5 @@ $Q --settings W4A4 --methods qvla-srot,qvla-rot+bc
 $Q --settings W4A16,W4A4 --methods qvla-gptq,qvla-rot-gptq
 $Q --settings W4A4 --methods qvla-rot-gptq+ac
 $Q --settings W3A16 --methods qvla-gptq
+$Q --settings W8A8 --methods qvla-gptq,qvla-rot-gptq
 .venv/bin/python bench/sweep.py --policy "$P" --calib "$OUT/calib" --form "$FORM" --episodes-per-task "$N" --baselines rtn --out "$OUT"
