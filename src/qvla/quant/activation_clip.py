@@ -33,7 +33,7 @@ def clip_ratios(policy, plan: Plan, observations: list, max_rows: int = 4096) ->
         for r in RATIOS:
             layer.inp["a_clip"] = torch.tensor([r])
             errs.append(float((layer(x) - ref).pow(2).sum()))
-        out[n] = torch.tensor([RATIOS[min(range(len(RATIOS)), key=lambda i: (errs[i], i))]])
+        out[n] = torch.tensor([RATIOS[errs.index(min(errs))]])  # the first minimum: the larger ratio
     return out
 
 

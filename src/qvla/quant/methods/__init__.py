@@ -17,8 +17,7 @@ SUFFIXES = {"+ac": "act_clip",  # activation clipping ratios (activation_clip.py
 def split_method(name: str) -> tuple[str, set[str]]:
     """'qvla-rot+ac+bc' -> ('qvla-rot', {'+ac', '+bc'})."""
     found = set()
-    while any(name.endswith(s) for s in SUFFIXES):
-        suffix = next(s for s in SUFFIXES if name.endswith(s))
+    while suffix := next((s for s in SUFFIXES if name.endswith(s)), None):
         found.add(suffix)
         name = name[: -len(suffix)]
     return name, found
@@ -97,7 +96,7 @@ NEEDS: dict[str, str | None] = {"qvla": "sensitivity", "rtn": None, "smoothquant
                                 "quarot": None, "qvla-sq": "both", "qvla-awq": "both", "qvla-rot": "transformed",
                                 "qvla-srot": "transformed", "qvla-gptq": "both", "qvla-rot-gptq": "transformed"}
 # what each "transformed" method's sensitivities are labelled (two methods with one label share the tables)
-TRANSFORMED: dict[str, str] = {"qvla-rot": "rotation", "qvla-srot": "smoothrot", "qvla-rot-gptq": "rotation"}  # what the transformed sensitivities are labelled
+TRANSFORMED: dict[str, str] = {"qvla-rot": "rotation", "qvla-srot": "smoothrot", "qvla-rot-gptq": "rotation"}
 
 
 def transforms_for(method: str) -> Callable:

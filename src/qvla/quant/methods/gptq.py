@@ -12,7 +12,7 @@ import torch
 
 from qvla.quant.methods import QuantConfig
 from qvla.quant.methods.rtn import layerwise_plan
-from qvla.quant.primitives import quant_params
+from qvla.quant.primitives import check_bits, quant_params
 
 
 def mixed_grid(w: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -38,8 +38,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int | torch.Tensor, da
     they are, pruned rows are zero, and every other row is GPTQ at its own width."""
     w = w.clone().float()
     bits = torch.full((w.shape[0],), int(bits)) if not torch.is_tensor(bits) else bits.long()
-    if bits.shape != (w.shape[0],) or not all(int(b) in (0, 2, 4, 8, 16) for b in bits.unique()):
-        raise ValueError(f"bits must be one of (0, 2, 4, 8, 16) per row of a {tuple(w.shape)} weight")
+    if bits.shape != (w.shape[0],):
+        raise ValueError(f"bits has shape {tuple(bits.shape)}, expected one width per row ({w.shape[0]},)")
+    for b in bits.unique():
+        check_bits(int(b))
     h = h.clone().double()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0

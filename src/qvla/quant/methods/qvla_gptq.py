@@ -23,7 +23,7 @@ def gptq_at_planned_bits(policy, plan: Plan, observations, max_rows: int = 8192)
     for n, x in collect_inputs(policy, observations, names, max_rows=max_rows).items():
         t = plan.transforms.get(n, {})
         w, _, inp = transformed(mods[n].weight.detach().float(), None, t)
-        plan.transforms[n] = {**t, **gptq_transform(input_transform(x, inp) if inp else x, w, plan.bits[n])}
+        plan.transforms[n] = {**t, **gptq_transform(input_transform(x, inp), w, plan.bits[n])}
     return plan
 
 
