@@ -1,13 +1,13 @@
 """One 4096x4096 (and 11008x4096) layer at the token counts a VLA control step runs: qvla's low-bit kernel
-(streamed rows, and rows expanded for the float GEMM), torch's int4 kernel, the int8 kernel, fp32 and bf16.
-Chooses where the low-bit kernel should switch from streaming to expanding (kernels.LOWBIT_TOKENS).
+(4-bit rows with A16 activations in two int8 passes and with A8 in one, 2-bit rows; and, for comparison,
+4-bit rows expanded to fp32 for the float GEMM), torch's int4 kernel, the int8 kernel, fp32 and bf16.
 
 A 4096x4096 layer at 4 bits is 8 MB, which a large last-level cache holds between two calls while the
 bf16 layer (32 MB) it is compared with may not be: the single-layer rows can flatter the low-bit kernel.
 The "streamed" section therefore also times a sweep over STREAM_LAYERS distinct 4096x4096 layers (96 MB at
 4 bits, 384 MB in bf16), so every format's weights come from memory, as in a real decoder pass.
 
-    python bench/lowbit_tokens.py --out results/scale/lowbit-tokens-cpu.json      # ~2 min on 2 cores
+    python bench/lowbit_tokens.py --out results/scale/lowbit-tokens-cpu.json      # ~3 min on 2 cores
 """
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ def main(argv=None) -> int:
         codes4 = torch.randint(0, 16, (n, k), generator=g)
         scale, zero = torch.rand(n, generator=g) * 0.01, torch.full((n,), 8.0)
         lb4 = LowBitKernel(codes4, scale, zero, 4)
+        lb4a8 = LowBitKernel(codes4, scale, zero, 4, a_bits=8)
         lb2 = LowBitKernel(codes4 % 4, scale, torch.full((n,), 2.0), 2)
         i4 = Int4Kernel(codes4, scale, zero)
         i8 = Int8Kernel(torch.randint(-127, 128, (n, k), generator=g), scale, passes=1)
@@ -86,14 +87,14 @@ def main(argv=None) -> int:
                 "bf16": median_ms(lambda: F.linear(xb, wb), a.runs),
                 "int8_a8": median_ms(lambda: i8(x), a.runs),
                 "torch_int4": median_ms(lambda: i4(x), a.runs),
-                "lowbit4_stream": median_ms(lambda: ext.mm(x, lb4.packed, lb4.scale, lb4.zero, 4), a.runs),
+                "lowbit4_kernel": median_ms(lambda: lb4(x), a.runs),
+                "lowbit4_a8": median_ms(lambda: lb4a8(x), a.runs),
                 "lowbit4_expand": median_ms(
                     lambda: F.linear(x, ext.dequant(lb4.packed, lb4.scale, lb4.zero, 4, k)), a.runs),
-                "lowbit2_stream": median_ms(lambda: ext.mm(x, lb2.packed, lb2.scale, lb2.zero, 2), a.runs),
-                "lowbit4_kernel": median_ms(lambda: lb4(x), a.runs),
+                "lowbit2_kernel": median_ms(lambda: lb2(x), a.runs),
             }
-            r["lowbit4_kernel_vs_bf16"] = r["bf16"] / r["lowbit4_kernel"]
-            r["lowbit2_stream_vs_bf16"] = r["bf16"] / r["lowbit2_stream"]
+            for key in ("lowbit4_kernel", "lowbit4_a8", "lowbit2_kernel"):
+                r[f"{key}_vs_bf16"] = r["bf16"] / r[key]
             rows[m] = r
             print(n, k, m, {key: round(v, 2) for key, v in r.items()}, file=sys.stderr, flush=True)
         result["shapes"][f"{n}x{k}"] = rows

@@ -6,15 +6,15 @@ reports the bytes it holds, and maps (M, K) float32 activations to (M, rows) flo
 | bucket  | kernel                                                  | held in memory        | activations |
 |---------|---------------------------------------------------------|-----------------------|-------------|
 | 8 bits  | fbgemm dynamic int8 GEMM (torch.ops.quantized)           | int8 + fp32 scale     | 7-bit per token (see Int8Kernel) |
-| 4, 2    | qvla's AVX2 low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | int8, 2 passes (<= 16 tokens); fp32 beyond |
+| 4, 2    | qvla's AVX2 low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | the plan's grid (A8, A4); int8 x 2 passes (A16) |
 | 4, 2    | else torch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu) | 4 bits + bf16 scale/zero per group | bf16 |
 | 16      | float GEMM on fp16-stored rows, upcast per call          | fp16                  | fp32 |
 
-The low-bit kernel runs up to LOWBIT_TOKENS tokens by streaming the packed rows (decode steps); longer
-inputs expand the rows to fp32, EXPAND_ROWS at a time, for the float GEMM (prefill). With torch's kernel,
+The low-bit kernel streams the packed rows at every token count: a block of rows stays in cache while
+all the tokens pass over it, so a prefill reads the weights from memory once. With torch's kernel,
 2-bit rows run as 4-bit codes with the same scale, so in memory they take 4 bits (on disk 2).
-A4 activations are rounded to their 4-bit grid first and then run through the int8 kernel (4-bit
-values are exact int8 values up to the kernel's own rounding).
+In the 8-bit buckets A4 activations are rounded to their 4-bit grid first and then run through the int8
+kernel (4-bit values are exact int8 values up to the kernel's own rounding).
 """
 from __future__ import annotations
 
@@ -109,19 +109,18 @@ class Int4Kernel:
         return y[:, : self.n].float()
 
 
-LOWBIT_TOKENS = 16  # up to this many tokens the low-bit kernel streams packed rows; beyond, expand + GEMM
-EXPAND_ROWS = 256  # rows expanded to fp32 at a time beyond LOWBIT_TOKENS (4 MB at K = 4096)
-
-
 class LowBitKernel:
-    """qvla's 2/4-bit kernel (lowbit.py): rows stay at their own bit width in memory. Up to LOWBIT_TOKENS
-    tokens: int8 x low-bit integer dot products (two activation passes, ~14-bit); beyond: rows expanded to
-    fp32, EXPAND_ROWS at a time, for the float GEMM."""
+    """qvla's 2/4-bit kernel (lowbit.py): rows stay at their own bit width in memory and every token is
+    multiplied with them in integers. Activations are rounded per token on the plan's own grid: one pass
+    at A8 (int8) and A4 (the 4-bit grid, so the rounding the plan simulates is the kernel's, exactly); two
+    passes at A16 (the second carries the first one's residual: ~14-bit)."""
 
     name = "qvla-lowbit"
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> None:
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                 a_bits: int = 16) -> None:
         self.ext, self.bits = lowbit.extension(), bits
+        self.qmax, self.passes = (2 ** (a_bits - 1) - 1, 1) if a_bits <= 8 else (127, 2)
         n, k = codes.shape
         self.n, self.k, self.pad = n, k, _ceil(k, lowbit.block_codes(bits)) - k
         self.packed = lowbit.block_pack(F.pad(codes.to(torch.uint8), (0, self.pad)), bits)
@@ -130,16 +129,7 @@ class LowBitKernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xp = F.pad(x, (0, self.pad)) if self.pad else x
-        if x.shape[0] <= LOWBIT_TOKENS:
-            return self.ext.mm(xp, self.packed, self.scale, self.zero, self.bits)
-        # many tokens: expand EXPAND_ROWS rows at a time to fp32 (a few MB, reused by the allocator) for the
-        # float GEMM, rather than the whole layer at once
-        y = x.new_empty(x.shape[0], self.n)
-        for r in range(0, self.n, EXPAND_ROWS):
-            e = min(self.n, r + EXPAND_ROWS)
-            w = self.ext.dequant(self.packed[r:e], self.scale[r:e], self.zero[r:e], self.bits, self.k + self.pad)
-            y[:, r:e] = F.linear(xp, w)
-        return y
+        return self.ext.mm(xp, self.packed, self.scale, self.zero, self.bits, self.qmax, self.passes)
 
 
 class HalfKernel:
@@ -164,4 +154,6 @@ def build_kernel(bits: int, storage: dict[str, torch.Tensor], k: int, a_bits: in
     codes, scale, zero = bucket_codes(storage, bits, k)
     if bits == 8:
         return Int8Kernel(codes, scale, passes=2 if a_bits >= 16 else 1)
-    return LowBitKernel(codes, scale, zero, bits) if lowbit.available() else Int4Kernel(codes, scale, zero)
+    if lowbit.available():
+        return LowBitKernel(codes, scale, zero, bits, a_bits)
+    return Int4Kernel(codes, scale, zero)

@@ -43,8 +43,11 @@ def extension():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="qvla_lowbit", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma"],
-                    verbose=False)
+        # at::parallel_for is inlined into the extension and runs its loop on one thread unless the extension
+        # itself is built with OpenMP (torch's CPU wheels use the OpenMP backend; the loader reuses the
+        # libgomp torch has already loaded, so there is one thread pool)
+        return load(name="qvla_lowbit", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: fall back, loudly
         log.warning("lowbit kernel could not be built (%s: %s); using torch's int4 kernel", type(e).__name__, e)
         return None

@@ -1,14 +1,15 @@
-// Low-bit weight GEMM for x86 CPUs with AVX2: 4-bit and 2-bit weights stay packed in memory; a token is
+// Low-bit weight GEMM for x86 CPUs with AVX2: 4-bit and 2-bit weights stay packed in memory; tokens are
 // multiplied with them in integers, 32 codes at a time (vpmaddubsw: unsigned codes x signed int8
 // activations), as the int8 GEMMs of fbgemm and llama.cpp do.
 //
-// Layout (made by qvla.quant.lowbit.block_pack): each row of K codes is cut into blocks of 32 bytes (64
-// codes at 4 bits, 128 at 2 bits; K is padded to a whole block). Byte j of a block holds codes j, j + 32,
-// j + 64, ... in its bit fields 0, 1, ... (Bits wide each). So a shift by i*Bits and a mask give the
-// block's codes 32i .. 32i+31 in order, as 32 bytes.
+// Layout at 4 and 2 bits (made by qvla.quant.lowbit.block_pack): each row of K codes is cut into blocks
+// of 32 bytes (64 codes at 4 bits, 128 at 2 bits; K is padded to a whole block). Byte j of a block holds
+// codes j, j + 32, j + 64, ... in its bit fields 0, 1, ... (Bits wide each). So a shift by i*Bits and a
+// mask give the block's codes 32i .. 32i+31 in order, as 32 bytes.
 //
-// Activations come as int8 codes per token, q[m, k], with a scale per token and pass (the caller splits
-// x = s1 * q1 + s2 * q2: the second pass carries the first one's rounding residual, ~14-bit in all).
+// Activations are rounded per token to a symmetric integer grid, q = round(x / s), s = max|x| / qmax
+// (qmax 127 for int8, 7 when the plan's activations are 4-bit: then the rounding is the plan's own), in
+// one or two passes (the second carries the first one's rounding residual: ~14-bit in all, for A16).
 // A row's weights are w[k] = (code[k] - zero) * scale, so
 //   y[m, n] = scale[n] * (sum_p s_p[m] * (code . q_p[m])) - scale[n] * zero[n] * sum(x[m]).
 #include <torch/extension.h>
@@ -75,14 +76,22 @@ void dot_rows(const int8_t* q, int64_t k, const uint8_t* packed, int32_t* d, int
   }
 }
 
+// Rows are taken ROW_BLOCK_BYTES of weights at a time, and every group of 4 tokens runs over that block
+// while it sits in cache: with many tokens the weights come from memory once, not once per 4 tokens.
+constexpr int64_t ROW_BLOCK_BYTES = 64 * 1024;
+
 template <int Bits>
 void dot_tokens(const int8_t* q, int64_t m, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t r0,
                 int64_t r1) {
-  int64_t t0 = 0;
-  for (; t0 + 4 <= m; t0 += 4) dot_rows<Bits, 4>(q, k, packed, d, n, t0, r0, r1);
-  if (m - t0 == 3) dot_rows<Bits, 3>(q, k, packed, d, n, t0, r0, r1);
-  if (m - t0 == 2) dot_rows<Bits, 2>(q, k, packed, d, n, t0, r0, r1);
-  if (m - t0 == 1) dot_rows<Bits, 1>(q, k, packed, d, n, t0, r0, r1);
+  const int64_t rows = std::max<int64_t>(1, ROW_BLOCK_BYTES / (k * Bits / 8));
+  for (int64_t b0 = r0; b0 < r1; b0 += rows) {
+    const int64_t b1 = std::min(r1, b0 + rows);
+    int64_t t0 = 0;
+    for (; t0 + 4 <= m; t0 += 4) dot_rows<Bits, 4>(q, k, packed, d, n, t0, b0, b1);
+    if (m - t0 == 3) dot_rows<Bits, 3>(q, k, packed, d, n, t0, b0, b1);
+    if (m - t0 == 2) dot_rows<Bits, 2>(q, k, packed, d, n, t0, b0, b1);
+    if (m - t0 == 1) dot_rows<Bits, 1>(q, k, packed, d, n, t0, b0, b1);
+  }
 }
 
 template <int Bits>
@@ -110,6 +119,38 @@ void dequant_rows(const uint8_t* packed, const float* scale, const float* zero, 
   }
 }
 
+
+// One activation pass: q = round(r / step) with step = max|r| / qmax (qmax <= 127), and r -= q * step (the
+// residual the next pass carries). k a multiple of 32. Returns step; *qsum = sum of q.
+float round_to_int8(float* r, int64_t k, float qmax, int8_t* q, int64_t* qsum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 mx = _mm256_setzero_ps();
+  for (int64_t j = 0; j < k; j += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(r + j)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mx);
+  const float amax = *std::max_element(lanes, lanes + 8);
+  const float step = amax > 0 ? amax / qmax : 1.f;
+  const __m256 st = _mm256_set1_ps(step), lim = _mm256_set1_ps(qmax), nlim = _mm256_set1_ps(-qmax);
+  __m256i csum = _mm256_setzero_si256();  // |q| <= 127 over k < 2^24 codes: no int32 overflow
+  for (int64_t j = 0; j < k; j += 32) {
+    __m256i c[4];
+    for (int u = 0; u < 4; ++u) {
+      const __m256 v = _mm256_loadu_ps(r + j + 8 * u);
+      const __m256 f = _mm256_round_ps(_mm256_min_ps(lim, _mm256_max_ps(nlim, _mm256_div_ps(v, st))),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm256_storeu_ps(r + j + 8 * u, _mm256_fnmadd_ps(f, st, v));
+      c[u] = _mm256_cvtps_epi32(f);
+      csum = _mm256_add_epi32(csum, c[u]);
+    }
+    // packs interleave the 128-bit lanes: undo with one cross-lane permute
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+  *qsum = hsum_epi32(csum);
+  return step;
+}
+
 void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch::Tensor& zero, int64_t bits,
            int64_t k) {
   TORCH_CHECK(bits == 2 || bits == 4, "lowbit: bits must be 2 or 4, got ", bits);
@@ -125,50 +166,47 @@ void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch:
 
 }  // namespace
 
-// x (M, K) fp32 -> (M, N) fp32: each token rounded to int8 in two passes (the second carries the first
-// one's residual), integer dot products with the packed rows, then the float epilogue.
+// x (M, K) fp32 -> (M, N) fp32: each token rounded to the grid of qmax in `passes` passes (the second
+// carries the first one's residual), integer dot products with the rows, then the float epilogue.
 torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero,
-                        int64_t bits) {
+                        int64_t bits, int64_t qmax, int64_t passes) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "lowbit: x must be 2-D fp32");
+  TORCH_CHECK(qmax >= 1 && qmax <= 127, "lowbit: qmax must be in [1, 127], got ", qmax);
+  TORCH_CHECK(passes == 1 || passes == 2, "lowbit: passes must be 1 or 2, got ", passes);
   check(packed, scale, zero, bits, x.size(1));
   x = x.contiguous();
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
-  auto q = torch::empty({2 * m, k}, x.options().dtype(torch::kInt8));
-  std::vector<double> s(2 * m), xsum(m);
+  auto q = torch::empty({passes * m, k}, x.options().dtype(torch::kInt8));
+  // xsum: the sum of each token as rounded (the zero point's term), so that y is exactly rounded x . w
+  std::vector<double> s(passes * m), xsum(m, 0.0);
   std::vector<float> r(k);
   const float* xp = x.data_ptr<float>();
   int8_t* qp = q.data_ptr<int8_t>();
   for (int64_t t = 0; t < m; ++t) {
-    const float* xt = xp + t * k;
-    double sum = 0;
-    for (int64_t j = 0; j < k; ++j) { r[j] = xt[j]; sum += xt[j]; }
-    xsum[t] = sum;
-    for (int pass = 0; pass < 2; ++pass) {
-      float amax = 0;
-      for (int64_t j = 0; j < k; ++j) amax = std::max(amax, std::fabs(r[j]));
-      const float step = amax > 0 ? amax / 127.f : 1.f;
-      int8_t* qt = qp + (pass * m + t) * k;
-      for (int64_t j = 0; j < k; ++j) {
-        const float c = std::nearbyint(std::min(127.f, std::max(-127.f, r[j] / step)));
-        qt[j] = static_cast<int8_t>(c);
-        r[j] -= c * step;
-      }
-      s[pass * m + t] = step;
+    std::copy(xp + t * k, xp + (t + 1) * k, r.data());
+    for (int64_t pass = 0; pass < passes; ++pass) {
+      int64_t qsum = 0;
+      s[pass * m + t] = round_to_int8(r.data(), k, static_cast<float>(qmax), qp + (pass * m + t) * k, &qsum);
+      xsum[t] += s[pass * m + t] * static_cast<double>(qsum);
     }
   }
-  auto d = torch::empty({2 * m, n}, x.options().dtype(torch::kInt32));
+  auto d = torch::empty({passes * m, n}, x.options().dtype(torch::kInt32));
+  const auto fn = bits == 4 ? dot_tokens<4> : dot_tokens<2>;
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    auto fn = bits == 4 ? dot_tokens<4> : dot_tokens<2>;
-    fn(qp, 2 * m, k, packed.data_ptr<uint8_t>(), d.data_ptr<int32_t>(), n, r0, r1);
+    fn(qp, passes * m, k, packed.data_ptr<uint8_t>(), d.data_ptr<int32_t>(), n, r0, r1);
   });
   auto y = torch::empty({m, n}, x.options());
   const int32_t* dp = d.data_ptr<int32_t>();
   const float *sc = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t t = 0; t < m; ++t)
-    for (int64_t j = 0; j < n; ++j)
-      yp[t * n + j] = static_cast<float>(
-          sc[j] * (s[t] * dp[t * n + j] + s[m + t] * dp[(m + t) * n + j] - zp[j] * xsum[t]));
+  at::parallel_for(0, m, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < n; ++j) {
+        double acc = s[t] * dp[t * n + j];
+        if (passes == 2) acc += s[m + t] * dp[(m + t) * n + j];
+        yp[t * n + j] = static_cast<float>(sc[j] * (acc - zp[j] * xsum[t]));
+      }
+  });
   return y;
 }
 
@@ -187,6 +225,8 @@ torch::Tensor lowbit_dequant(torch::Tensor packed, torch::Tensor scale, torch::T
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("mm", &lowbit_mm, "x (M, K) fp32 . packed 2/4-bit rows (N, K) -> (M, N) fp32 (int8 activations, 2 passes)");
+  m.def("mm", &lowbit_mm, "x (M, K) fp32 . packed 2/4-bit rows (N, K) -> (M, N) fp32 (integer activations, 1-2 passes)",
+        py::arg("x"), py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("qmax") = 127,
+        py::arg("passes") = 2);
   m.def("dequant", &lowbit_dequant, "packed 2/4-bit rows -> fp32 (N, K)");
 }
