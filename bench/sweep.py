@@ -44,7 +44,7 @@ def main(argv=None) -> int:
             best[w] = r
     points = []
     qvla_rows = {r["setting"]: r for r in ours["rows"] if r["method"] == a.method}
-    for b in budgets:
+    for b in sorted(budgets, reverse=True):  # rows run in the order given; points read from high to low bits
         r = qvla_rows[f"W{b:g}A16"]
         fit = max((w for w in best if w <= b), default=None)
         points.append({"budget": b, "qvla": r["success_rate"], "qvla_average_bits": r["average_bits"],
