@@ -2,11 +2,11 @@
 
 torch's CPU int4 kernel computes in bf16, which CPUs without bf16 instructions emulate: at one token it
 is compute-bound at a third of the memory bandwidth, and it holds 2-bit rows as 4 bits. This kernel keeps
-2-bit rows at 2 bits and multiplies them with the activations in integers, 32 codes per instruction
-(the activations are rounded per token to int8 in two passes, the second carrying the first one's
-residual: ~14-bit, as qvla's int8 kernel does for A16), so a single token streams the packed weights
-at close to memory speed. For many tokens the packed rows are expanded to fp32, a few hundred rows at a
-time, for the float GEMM (the expansion is then a small part of the work).
+2-bit rows at 2 bits and multiplies them with the activations in integers, 32 codes per instruction. The
+activations are rounded per token on the plan's grid: once at A8 (int8) and A4 (the 4-bit grid), in two
+int8 passes at A16 (the second carrying the first one's residual: ~14-bit). A block of rows stays in cache
+while every token passes over it, so one token streams the packed weights at memory speed and a prefill
+reads them from memory once.
 
 `available()` is False where the CPU lacks AVX2/FMA, no C++ compiler is found, or QVLA_LOWBIT=0; the
 kernels then fall back to torch's int4 kernel (kernels.py), and `qvla bench` records which one ran.
