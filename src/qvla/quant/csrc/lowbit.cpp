@@ -179,17 +179,19 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   auto q = torch::empty({passes * m, k}, x.options().dtype(torch::kInt8));
   // xsum: the sum of each token as rounded (the zero point's term), so that y is exactly rounded x . w
   std::vector<double> s(passes * m), xsum(m, 0.0);
-  std::vector<float> r(k);
   const float* xp = x.data_ptr<float>();
   int8_t* qp = q.data_ptr<int8_t>();
-  for (int64_t t = 0; t < m; ++t) {
-    std::copy(xp + t * k, xp + (t + 1) * k, r.data());
-    for (int64_t pass = 0; pass < passes; ++pass) {
-      int64_t qsum = 0;
-      s[pass * m + t] = round_to_int8(r.data(), k, static_cast<float>(qmax), qp + (pass * m + t) * k, &qsum);
-      xsum[t] += s[pass * m + t] * static_cast<double>(qsum);
+  at::parallel_for(0, m, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<float> r(k);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::copy(xp + t * k, xp + (t + 1) * k, r.data());
+      for (int64_t pass = 0; pass < passes; ++pass) {
+        int64_t qsum = 0;
+        s[pass * m + t] = round_to_int8(r.data(), k, static_cast<float>(qmax), qp + (pass * m + t) * k, &qsum);
+        xsum[t] += s[pass * m + t] * static_cast<double>(qsum);
+      }
     }
-  }
+  });
   auto d = torch::empty({passes * m, n}, x.options().dtype(torch::kInt32));
   const auto fn = bits == 4 ? dot_tokens<4> : dot_tokens<2>;
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
