@@ -1,6 +1,8 @@
-"""qvla's 2/4-bit CPU kernel: its block layout, its products on both paths (integer dot products for few
-tokens, expanded rows + float GEMM for many), the bytes it holds, and the fallback to torch's int4 kernel."""
+"""qvla's 2/4-bit CPU kernel: its block layout, its integer products at every token count and activation
+width, its threads, the bytes it holds, and the fallback to torch's int4 kernel."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -91,6 +93,19 @@ def test_build_kernel_falls_back_to_torch_int4_when_disabled(monkeypatch):
         monkeypatch.delenv("QVLA_LOWBIT")
         lowbit.extension.cache_clear()
     assert lowbit.available()
+
+
+@needs_kernel
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores")
+def test_kernel_runs_on_torchs_threads():
+    """The extension's loops must run on torch's thread pool: built without OpenMP, at::parallel_for is
+    inlined as a serial loop and the kernel silently uses one core."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert lowbit.extension().threads_used() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_kernel

@@ -226,9 +226,22 @@ torch::Tensor lowbit_dequant(torch::Tensor packed, torch::Tensor scale, torch::T
   return w;
 }
 
+// How many threads this extension's parallel loops run on (1 if it was built without OpenMP, whatever
+// torch's own thread count is): the build check behind qvla's tests.
+int64_t lowbit_threads_used() {
+  const int64_t n = 64 * at::get_num_threads();
+  std::vector<int> used(n, -1);
+  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) used[i] = at::get_thread_num();
+  });
+  std::sort(used.begin(), used.end());
+  return std::unique(used.begin(), used.end()) - used.begin();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &lowbit_mm, "x (M, K) fp32 . packed 2/4-bit rows (N, K) -> (M, N) fp32 (integer activations, 1-2 passes)",
         py::arg("x"), py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("qmax") = 127,
         py::arg("passes") = 2);
   m.def("dequant", &lowbit_dequant, "packed 2/4-bit rows -> fp32 (N, K)");
+  m.def("threads_used", &lowbit_threads_used, "threads the extension's parallel loops run on");
 }
