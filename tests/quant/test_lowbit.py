@@ -117,7 +117,7 @@ def test_kernel_gives_the_same_result_on_any_number_of_threads(bits):
     n, k = 1000, 512
     kern = LowBitKernel(torch.randint(0, 2**bits, (n, k), generator=g), torch.rand(n, generator=g) + 0.05,
                         torch.full((n,), 1.0), bits)
-    x = torch.randn(3, k, generator=g)
+    x = torch.randn(40, k, generator=g)  # > 16 tokens: the rounding of tokens is split across threads too
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -151,7 +151,7 @@ def test_kernel_rounds_activations_in_two_int8_passes():
 @needs_kernel
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("a_bits", [4, 8])
-@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("tokens", [1, 3, 7, 40])
 def test_kernel_rounds_activations_on_the_plans_grid(bits, a_bits, tokens):
     """At A8 and A4 the kernel's one activation pass is the plan's own per-token rounding: its output is
     the simulated layer's (fake-quantized activations times the dequantized weights) up to float sums."""
@@ -168,3 +168,34 @@ def test_kernel_rounds_activations_on_the_plans_grid(bits, a_bits, tokens):
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
     unrounded = x.double() @ w.t()  # and the rounding really happened: the A16 product is further away
     assert ((out.double() - unrounded).norm() / unrounded.norm()).item() > 1e-4
+
+
+@needs_kernel
+@pytest.mark.parametrize("a_bits", [4, 8])
+def test_kernel_rounds_ties_to_even_and_zero_tokens_to_zero(a_bits):
+    """Ties round half to even, as torch.round in the simulated layer; an all-zero token gives 0."""
+    from qvla.quant.primitives import fake_quant_activation
+
+    qmax = 2 ** (a_bits - 1) - 1
+    k = 64
+    x = torch.zeros(2, k)
+    x[0, :5] = torch.tensor([float(qmax), 0.5, 1.5, 2.5, -0.5])  # step 1: ties at .5
+    kern = LowBitKernel(torch.eye(5, k, dtype=torch.long), torch.ones(5), torch.zeros(5), 4, a_bits)
+    out = kern(x)  # row i picks activation i
+    assert out[0].tolist() == [float(qmax), 0.0, 2.0, 2.0, -0.0]
+    assert torch.equal(out[0], fake_quant_activation(x, a_bits)[0, :5])
+    assert torch.equal(out[1], torch.zeros(5))
+
+
+@needs_kernel
+def test_kernel_returns_nan_for_a_token_with_nan_or_inf():
+    """A non-finite activation makes its token's outputs NaN (as the float layer's would be), not finite
+    garbage from rounding NaN to an integer; the other tokens are untouched."""
+    k = 64
+    kern = LowBitKernel(torch.randint(0, 16, (3, k)), torch.ones(3), torch.full((3,), 8.0), 4)
+    x = torch.randn(3, k)
+    ref = kern(x)
+    x[0, 7], x[1, 9] = float("nan"), float("inf")
+    out = kern(x)
+    assert torch.isnan(out[:2]).all()
+    assert torch.equal(out[2], ref[2])

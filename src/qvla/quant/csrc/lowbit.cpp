@@ -17,6 +17,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 namespace {
 
@@ -120,16 +122,28 @@ void dequant_rows(const uint8_t* packed, const float* scale, const float* zero, 
 }
 
 
-// One activation pass: q = round(r / step) with step = max|r| / qmax (qmax <= 127), and r -= q * step (the
-// residual the next pass carries). k a multiple of 32. Returns step; *qsum = sum of q.
-float round_to_int8(float* r, int64_t k, float qmax, int8_t* q, int64_t* qsum) {
+// One activation pass: q = round(r / step) with step = max(max|r|, floor) / qmax (qmax <= 127), and
+// r -= q * step (the residual the next pass carries). k a multiple of 32. Returns step (NaN, with q = 0,
+// when r holds a NaN or an infinity, so that the output is NaN as the float layer's would be);
+// *qsum = sum of q.
+float round_to_int8(float* r, int64_t k, float qmax, float floor, int8_t* q, int64_t* qsum) {
   const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 mx = _mm256_setzero_ps();
-  for (int64_t j = 0; j < k; j += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(r + j)));
-  alignas(32) float lanes[8];
+  __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();  // bad: sum of r * 0, NaN iff r has NaN/inf
+  for (int64_t j = 0; j < k; j += 8) {
+    const __m256 v = _mm256_loadu_ps(r + j);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
+    bad = _mm256_add_ps(bad, _mm256_mul_ps(v, _mm256_setzero_ps()));
+  }
+  alignas(32) float lanes[8], flags[8];
   _mm256_store_ps(lanes, mx);
+  _mm256_store_ps(flags, bad);
   const float amax = *std::max_element(lanes, lanes + 8);
-  const float step = amax > 0 ? amax / qmax : 1.f;
+  if (std::any_of(flags, flags + 8, [](float f) { return std::isnan(f); }) || !std::isfinite(amax)) {
+    std::fill(q, q + k, 0);
+    *qsum = 0;
+    return NAN;
+  }
+  const float step = std::max(amax, floor) / qmax;
   const __m256 st = _mm256_set1_ps(step), lim = _mm256_set1_ps(qmax), nlim = _mm256_set1_ps(-qmax);
   __m256i csum = _mm256_setzero_si256();  // |q| <= 127 over k < 2^24 codes: no int32 overflow
   for (int64_t j = 0; j < k; j += 32) {
@@ -174,6 +188,7 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   TORCH_CHECK(qmax >= 1 && qmax <= 127, "lowbit: qmax must be in [1, 127], got ", qmax);
   TORCH_CHECK(passes == 1 || passes == 2, "lowbit: passes must be 1 or 2, got ", passes);
   check(packed, scale, zero, bits, x.size(1));
+  TORCH_CHECK(x.size(1) > 0, "lowbit: x must have at least one column");
   x = x.contiguous();
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
   auto q = torch::empty({passes * m, k}, x.options().dtype(torch::kInt8));
@@ -186,8 +201,12 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
     for (int64_t t = t0; t < t1; ++t) {
       std::copy(xp + t * k, xp + (t + 1) * k, r.data());
       for (int64_t pass = 0; pass < passes; ++pass) {
+        // the first pass floors max|x| as the simulated rounding does (primitives.fake_quant_activation);
+        // the residual's pass only keeps its step above underflow
+        const float floor = pass == 0 ? 1e-8f : std::numeric_limits<float>::min() * qmax;
         int64_t qsum = 0;
-        s[pass * m + t] = round_to_int8(r.data(), k, static_cast<float>(qmax), qp + (pass * m + t) * k, &qsum);
+        s[pass * m + t] =
+            round_to_int8(r.data(), k, static_cast<float>(qmax), floor, qp + (pass * m + t) * k, &qsum);
         xsum[t] += s[pass * m + t] * static_cast<double>(qsum);
       }
     }
