@@ -121,8 +121,8 @@ class LowBitKernel:
                  a_bits: int = 16) -> None:
         self.ext, self.bits = lowbit.extension(), bits
         self.qmax, self.passes = (2 ** (a_bits - 1) - 1, 1) if a_bits <= 8 else (127, 2)
-        n, k = codes.shape
-        self.n, self.k, self.pad = n, k, _ceil(k, lowbit.block_codes(bits)) - k
+        k = codes.shape[1]
+        self.pad = _ceil(k, lowbit.block_codes(bits)) - k
         self.packed = lowbit.block_pack(F.pad(codes.to(torch.uint8), (0, self.pad)), bits)
         self.scale, self.zero = scale.float().contiguous(), zero.float().contiguous()
         self.nbytes = self.packed.numel() + 4 * (self.scale.numel() + self.zero.numel())

@@ -10,7 +10,7 @@
 // Activations are rounded per token to a symmetric integer grid, q = round(x / s), s = max|x| / qmax
 // (qmax 127 for int8, 7 when the plan's activations are 4-bit: then the rounding is the plan's own), in
 // one or two passes (the second carries the first one's rounding residual: ~14-bit in all, for A16).
-// A row's weights are w[k] = (code[k] - zero) * scale, so
+// A row's weights are w[k] = (code[k] - zero) * scale, so with x[m] as rounded, sum_p s_p[m] * q_p[m],
 //   y[m, n] = scale[n] * (sum_p s_p[m] * (code . q_p[m])) - scale[n] * zero[n] * sum(x[m]).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
