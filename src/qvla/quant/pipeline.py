@@ -20,7 +20,9 @@ from qvla.quant import sensitivity as S
 from qvla.quant.apply import quantize_, quantized_tensors
 from qvla.quant.activation_clip import clip_activations
 from qvla.quant.bias_correction import correct_biases
+from qvla.quant.layer_calibration import calibrate_layers
 from qvla.quant.methods import METHODS, NEEDS, TRANSFORMED, QuantConfig, transforms_for
+from qvla.quant.methods.qvla import make_plan as qvla_plan
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,10 @@ def _digest(transforms: dict[str, dict[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
+def step_weights(observations, weighting: str) -> torch.Tensor:
+    return S.step_weights([(o.extras or {}).get("episode") for o in observations], weighting)
+
+
 def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, form: str, a_bits: int,
                     batch_size: int = 16, probes: int | None = None, cache: bool = True,
                     transforms: tuple[str, dict] | None = None, weighting: str = "steps"
@@ -68,8 +74,7 @@ def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, for
         return S.load(file)[0], file
     sens = S.compute(policy, observations, form=form, a_bits=a_bits, batch_size=batch_size, probes=probes,
                      progress=lambda it: tqdm(it, desc=f"sensitivity ({form}, A{a_bits}{label})", unit="batch"),
-                     transforms=transforms, weights=S.step_weights(
-                         [(o.extras or {}).get("episode") for o in observations], weighting))
+                     transforms=transforms, weights=step_weights(observations, weighting))
     if weighting != "steps":
         sens.meta["weighting"] = weighting
     S.save(file, sens, {"policy": policy.name, "weights_sha256": manifest["weights_sha256"],
@@ -106,10 +111,15 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
             sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits,
                                          cfg.batch_size, cfg.probes, transforms=transforms, weighting=cfg.weighting)
             provenance["sensitivity_file"] = str(file)
+            if cfg.layer_calibrate:
+                sens = calibrate_layers(policy, sens, lambda s: qvla_plan(policy, cfg, s).bits, observations,
+                                        cfg.proxy, step_weights(observations, cfg.weighting), log=log.info)
         # what each kind of method calibrates on; the baselines ("observations") per layer on the same steps
         calibration = {None: lambda: None, "observations": lambda: observations, "sensitivity": lambda: sens,
                        "both": lambda: (sens, observations), "transformed": lambda: (sens, transforms[1], observations)}[needs]()
         plan = METHODS[cfg.method](policy, cfg, calibration, provenance)
+        if cfg.layer_calibrate:
+            plan.method = f"{plan.method}+lc"
         for stage, _ in refine:  # activation clipping, then bias correction (which sees the clipped layer)
             plan = stage(policy, plan, observations)
     plan.provenance["weights_sha256"] = weights

@@ -11,7 +11,8 @@ from qvla.quant.primitives import BITS
 
 # suffixes: any method followed by a stage that refines its plan, applied in this order
 SUFFIXES = {"+ac": "act_clip",  # activation clipping ratios (activation_clip.py)
-            "+bc": "bias_correct"}  # bias correction (bias_correction.py)
+            "+bc": "bias_correct",  # bias correction (bias_correction.py)
+            "+lc": "layer_calibrate"}  # sensitivities rescaled per layer by measured deviation (layer_calibration.py)
 
 
 def split_method(name: str) -> tuple[str, set[str]]:
@@ -41,6 +42,7 @@ class QuantConfig:
     bias_correct: bool = False  # method "M+bc": M, then bias correction on the calibration inputs
     act_clip: bool = False  # method "M+ac": M, then per-layer activation clipping ratios (A8 / A4)
     weighting: str = "steps"  # calibration steps weigh 1 each ("steps") or each episode weighs the same ("episode")
+    layer_calibrate: bool = False  # method "M+lc": QVLA-family M allocating from layer-calibrated sensitivities
 
     def __post_init__(self) -> None:
         self.method, suffixes = split_method(self.method)
@@ -50,6 +52,10 @@ class QuantConfig:
             raise ValueError(f"activation clipping ({self.method}+ac) needs --a-bits 8 or 4, got {self.a_bits}")
         if self.method not in METHODS:
             raise KeyError(f"unknown method {self.method!r}; available: {sorted(METHODS)}")
+        if self.layer_calibrate and NEEDS[self.method] not in ("sensitivity", "both"):
+            raise ValueError(f"+lc rescales the sensitivities a QVLA allocation reads from untransformed layers; "
+                             f"{self.method} has none (use one of "
+                             f"{sorted(m for m, n in NEEDS.items() if n in ('sensitivity', 'both'))})")
         if not (0 < self.w_bits <= 16):
             raise ValueError(f"--w-bits (average bits per weight) must be in (0, 16], got {self.w_bits}")
         if self.a_bits not in A_BITS:
