@@ -1,0 +1,121 @@
+"""Layer-calibrated sensitivities: the measured per-layer deviation, the rescaling loop, and its guards."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from qvla.quant import layer_calibration as L
+from qvla.quant import sensitivity as S
+from qvla.quant.methods import QuantConfig
+from qvla.quant.methods.qvla import make_plan
+from qvla.quant.primitives import fake_quant_activation, fake_quant_mixed
+
+
+@pytest.fixture
+def toy(make_toy):
+    return make_toy()
+
+
+@pytest.fixture
+def sens(toy, toy_obs) -> S.Sensitivity:
+    return S.compute(toy, toy_obs, batch_size=8)
+
+
+def _batches(policy, obs, size=8):
+    return [policy.batch(obs[s:s + size]) for s in range(0, len(obs), size)]
+
+
+@pytest.mark.parametrize("a_bits", [16, 8])
+@torch.no_grad()
+def test_layer_deviation_is_the_brute_force_deviation(toy, toy_obs, a_bits):
+    bits = {"3": torch.tensor([0, 2, 4, 8] * 4), "5": torch.tensor([16, 16, 4, 2, 0, 8])}
+    before = {n: p.clone() for n, p in toy.model.state_dict().items()}
+    got = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, a_bits, torch.ones(len(toy_obs)).double())
+    x = torch.stack(toy_obs)
+    ref = toy.model(x)
+    for n, b in bits.items():
+        w = fake_quant_mixed(toy.model[int(n)].weight.detach(), b)
+        h = x
+        for i, m in enumerate(toy.model):  # layer n replaced by its quantized form
+            if i == int(n):
+                h = torch.nn.functional.linear(fake_quant_activation(h, a_bits), w, m.bias)
+            else:
+                h = m(h)
+        truth = float((h - ref).norm(dim=1).sum())
+        assert got[n] == pytest.approx(truth, rel=1e-5), n
+    assert all(torch.equal(p, before[n]) for n, p in toy.model.state_dict().items()), "weights restored"
+
+
+def test_a_layer_kept_in_floating_point_is_not_measured(toy, toy_obs):
+    bits = {"0": torch.full((4,), 16), "3": torch.full((16,), 4)}
+    got = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, 16, torch.ones(len(toy_obs)).double())
+    assert set(got) == {"3"} and got["3"] > 0
+
+
+def test_kl_deviation_is_zero_for_equal_logits_and_positive_otherwise():
+    z = torch.randn(3, 4, 8)
+    assert torch.allclose(L.per_step_deviation(z, z, "logits"), torch.zeros(3), atol=1e-6)
+    assert (L.per_step_deviation(z, z + torch.randn(3, 4, 8), "logits") > 0).all()
+    assert torch.allclose(L.per_step_deviation(z[:, 0], z[:, 0] + 1, "action"), torch.full((3,), 8 ** 0.5))
+
+
+def test_one_output_channel_is_predicted_exactly(toy, toy_obs, sens):
+    """The output layer's one quantized channel moves the action by exactly its projected term."""
+    bits = {"5": torch.tensor([16, 16, 2, 16, 16, 16])}
+    truth = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, 16, torch.ones(len(toy_obs)).double())
+    assert truth["5"] == pytest.approx(L.predicted(sens.projected, bits)["5"], rel=1e-5)
+
+
+def test_scales_are_the_running_maximum_of_measured_over_predicted(toy, toy_obs, sens):
+    plans = [{"0": torch.full((4,), 2), "3": torch.full((16,), 0), "5": torch.full((6,), 4)},
+             {"0": torch.full((4,), 8), "3": torch.full((16,), 4), "5": torch.full((6,), 2)}]
+    seen = []
+
+    def allocate(s):
+        seen.append(s)
+        return plans[len(seen) - 1]
+
+    out = L.calibrate_layers(toy, sens, allocate, toy_obs, "projected", rounds=2, batch_size=8)
+    hist = out.meta["layer_calibration"]["history"]
+    assert len(hist) == 2 and seen[0] is sens
+    for n in sens.product:
+        ratios = [h["truth"][n] / h["predicted"][n] for h in hist]
+        scale = max([1.0] + ratios)
+        assert out.meta["layer_scale"][n] == pytest.approx(scale, rel=1e-3)
+        assert torch.allclose(out.projected[n], sens.projected[n] * scale, rtol=1e-3)
+        assert torch.allclose(out.product[n], sens.product[n] * scale, rtol=1e-3)
+    # the second round allocated from the first round's rescaled costs
+    assert seen[1].meta["layer_scale"] == {n: round(max(1.0, hist[0]["truth"][n] / hist[0]["predicted"][n]), 4)
+                                          for n in sens.product}
+    assert hist[0]["pruned"] == {"0": 0, "3": 16, "5": 0}
+
+
+def test_pruning_a_whole_hidden_layer_is_found_worse_than_its_proxy(toy, toy_obs, sens):
+    """Cutting all 16 hidden units is far from a small perturbation: measured > sum of the channel costs."""
+    bits = {"3": torch.zeros(16, dtype=torch.long)}
+    truth = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, 16, torch.ones(len(toy_obs)).double())
+    assert truth["3"] != pytest.approx(L.predicted(sens.projected, bits)["3"], rel=0.05)
+
+
+def test_the_allocation_loop_runs_through_the_qvla_plan(toy, toy_obs, sens):
+    cfg = QuantConfig(method="qvla", w_bits=3)
+    out = L.calibrate_layers(toy, sens, lambda s: make_plan(toy, cfg, s).bits, toy_obs, cfg.proxy, rounds=2)
+    plan = make_plan(toy, cfg, out)
+    assert plan.average_bits <= 3 + 1e-9
+    assert all(v >= 1.0 for v in out.meta["layer_scale"].values())
+
+
+def test_guards(toy, toy_obs, sens):
+    with pytest.raises(ValueError, match="at least one round"):
+        L.calibrate_layers(toy, sens, lambda s: {}, toy_obs, "projected", rounds=0)
+    rotated = dataclasses.replace(sens, meta={**sens.meta, "transforms": "rotation"})
+    with pytest.raises(ValueError, match="transformed"):
+        L.calibrate_layers(toy, rotated, lambda s: {}, toy_obs, "projected")
+    with pytest.raises(ValueError, match=r"\+lc"):
+        QuantConfig(method="rtn+lc")
+    with pytest.raises(ValueError, match=r"\+lc"):
+        QuantConfig(method="qvla-rot+lc")
+    cfg = QuantConfig(method="qvla-gptq+lc")
+    assert cfg.method == "qvla-gptq" and cfg.layer_calibrate
