@@ -50,6 +50,15 @@ def test_observation_format(env, task):
     assert obs.task == task and obs.instruction == MT10_TASKS[task].instruction
 
 
+def test_privileged_state_is_the_scene_the_policy_sees(env):
+    env.reset(EpisodeSpec("mt10", "push", "eval", 0, 0))
+    s = env.privileged_state()
+    np.testing.assert_allclose(s["hand"], env.observe().proprio[:3], atol=1e-6)  # proprio = hand xyz + gripper
+    assert np.linalg.norm(s["object"][:2] - s["goal"][:2]) >= MT10_TASKS["push"].min_separation
+    s["hand"][:] = 0  # a copy: the env's state is untouched
+    assert np.linalg.norm(env.privileged_state()["hand"]) > 0
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_layouts_differ_by_split_and_seed(env, task):
     space = env._scene(task)._random_reset_space  # the task's own reset ranges

@@ -156,6 +156,11 @@ class MetaWorldEnv:
         return Observation(images={c: self._render(c) for c in self.cameras}, proprio=proprio,
                            instruction=self.tasks[task].instruction, task=task)
 
+    def privileged_state(self) -> dict[str, np.ndarray]:
+        """Hand, object and goal positions from the simulator, for diagnostics (never given to a policy)."""
+        raw = self._raw_obs
+        return {"hand": raw[:3].copy(), "object": raw[4:7].copy(), "goal": raw[-3:].copy()}
+
     def expert_action(self) -> np.ndarray:
         return np.asarray(self._experts[self._require_task()].get_action(self._raw_obs), dtype=np.float32)
 
