@@ -48,6 +48,23 @@ def test_layer_deviation_is_the_brute_force_deviation(toy, toy_obs, a_bits):
     assert all(torch.equal(p, before[n]) for n, p in toy.model.state_dict().items()), "weights restored"
 
 
+@torch.no_grad()
+def test_a_rotated_layer_is_measured_rotated(toy, toy_obs):
+    from qvla.quant.rotation import random_signs, rotate_inputs, rotate_weight
+
+    signs = random_signs(100, seed=3)
+    bits = {"3": torch.full((16,), 2)}
+    w1 = torch.ones(len(toy_obs)).double()
+    rotated = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, 4, w1, {"3": {"in_signs": signs}})
+    plain = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, 4, w1)
+    x = torch.stack(toy_obs)
+    h = toy.model[:3](x)
+    w = fake_quant_mixed(rotate_weight(toy.model[3].weight.float(), signs), bits["3"])
+    h = torch.nn.functional.linear(fake_quant_activation(rotate_inputs(h, signs), 4), w, toy.model[3].bias)
+    truth = float((toy.model[4:](h) - toy.model(x)).norm(dim=1).sum())
+    assert rotated["3"] == pytest.approx(truth, rel=1e-4) and rotated["3"] != pytest.approx(plain["3"], rel=1e-3)
+
+
 def test_a_layer_kept_in_floating_point_is_not_measured(toy, toy_obs):
     bits = {"0": torch.full((4,), 16), "3": torch.full((16,), 4)}
     got = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, 16, torch.ones(len(toy_obs)).double())
@@ -111,11 +128,13 @@ def test_guards(toy, toy_obs, sens):
     with pytest.raises(ValueError, match="at least one round"):
         L.calibrate_layers(toy, sens, lambda s: {}, toy_obs, "projected", rounds=0)
     rotated = dataclasses.replace(sens, meta={**sens.meta, "transforms": "rotation"})
-    with pytest.raises(ValueError, match="transformed"):
+    with pytest.raises(ValueError, match="measured on rotation layers need the same layers measured here"):
         L.calibrate_layers(toy, rotated, lambda s: {}, toy_obs, "projected")
-    with pytest.raises(ValueError, match=r"\+lc"):
-        QuantConfig(method="rtn+lc")
-    with pytest.raises(ValueError, match=r"\+lc"):
-        QuantConfig(method="qvla-rot+lc")
-    cfg = QuantConfig(method="qvla-gptq+lc")
-    assert cfg.method == "qvla-gptq" and cfg.layer_calibrate
+    with pytest.raises(ValueError, match="measured on untransformed layers"):
+        L.calibrate_layers(toy, sens, lambda s: {}, toy_obs, "projected", transforms={"3": {}})
+    for method in ("rtn+lc", "awq+lc", "omniquant+lc"):
+        with pytest.raises(ValueError, match=r"\+lc rescales"):
+            QuantConfig(method=method)
+    for method in ("qvla-gptq", "qvla-rot-gptq", "qvla-srot"):
+        cfg = QuantConfig(method=method + "+lc")
+        assert cfg.method == method and cfg.layer_calibrate

@@ -16,8 +16,9 @@ where the allocation prunes most of a layer (429 of 512 channels of a vision MLP
 
 Scales only grow, so the rounds converge (a layer found worse than its proxy stays penalized even after the
 allocation backs off from it); a layer the proxy overestimates keeps its raw costs. Measured with the same
-quantizer the sensitivities were (per-row RTN at the planned bits, per-token activation rounding at the
-plan's activation bits) and the same deviation (L2 action deviation, or KL of the action-token
+quantizer the sensitivities were (the plan's fake-quant layer with RTN at the planned bits, per-token
+activation rounding at the plan's activation bits, and the layer's rotation where the tables were measured
+on rotated layers) and the same deviation (L2 action deviation, or KL of the action-token
 distributions), weighted per step as the sensitivities were.
 """
 from __future__ import annotations
@@ -27,8 +28,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from qvla.quant.primitives import fake_quant_mixed
-from qvla.quant.sensitivity import SENS_BITS, Sensitivity, quant_act_input, quantizable
+from qvla.quant.apply import FACTORIES
+from qvla.quant.sensitivity import SENS_BITS, Sensitivity, quantizable
 
 ROUNDS = 3
 
@@ -43,24 +44,25 @@ def per_step_deviation(ref: torch.Tensor, new: torch.Tensor, form: str) -> torch
 
 @torch.no_grad()
 def layer_deviations(policy, batches: list[dict], form: str, bits: dict[str, torch.Tensor], a_bits: int,
-                     step_w: torch.Tensor) -> dict[str, float]:
-    """layer -> weighted sum over calibration steps of the output deviation with only that layer quantized."""
+                     step_w: torch.Tensor, transforms: dict[str, dict[str, torch.Tensor]] | None = None
+                     ) -> dict[str, float]:
+    """layer -> weighted sum over calibration steps of the output deviation with only that layer quantized,
+    as the plan's fake-quant layer runs it (RTN at its bits, activation rounding, the layer's transform)."""
     model = policy.model.eval()
-    mods = dict(model.named_modules())
     ref = [policy.action_outputs(b, form) for b in batches]
     out = {}
     for n, b in bits.items():
         if bool((b >= 16).all()) and a_bits >= 16:
             continue
-        mod, saved = mods[n], mods[n].weight.data
-        mod.weight.data = fake_quant_mixed(saved, b.long())
-        hook = mod.register_forward_pre_hook(lambda m, args: (quant_act_input(m, args[0], a_bits),) + args[1:])
+        parent, _, child = n.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        mod = getattr(holder, child)
+        setattr(holder, child, FACTORIES[type(mod)](mod, b.long(), a_bits, (transforms or {}).get(n)))
         try:
             dev = torch.cat([per_step_deviation(r, policy.action_outputs(bt, form), form)
                              for r, bt in zip(ref, batches)])
         finally:
-            hook.remove()
-            mod.weight.data = saved
+            setattr(holder, child, mod)
         out[n] = float((dev.double() * step_w).sum())
     return out
 
@@ -81,17 +83,18 @@ def scaled(sens: Sensitivity, scale: dict[str, float]) -> Sensitivity:
 
 def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: list, table: str,
                      weights: torch.Tensor | None = None, rounds: int = ROUNDS, batch_size: int = 32,
-                     log=None) -> Sensitivity:
+                     transforms: dict[str, dict[str, torch.Tensor]] | None = None, log=None) -> Sensitivity:
     """R rounds of allocate -> measure each quantized layer -> rescale its costs (see the module docstring).
 
     allocate_bits(sens) -> layer -> (C,) bits: the method's own allocation, so that layers are measured at
     the bits the method would give them. Returns the rescaled sensitivity; meta["layer_calibration"] keeps
-    each round's measured and predicted deviations."""
+    each round's measured and predicted deviations. `transforms`: the layer transforms the sensitivities were
+    measured on (rotation), given exactly when sens.meta["transforms"] names some."""
     if rounds < 1:
         raise ValueError(f"layer calibration needs at least one round, got {rounds}")
-    if sens.meta.get("transforms"):
-        raise ValueError("layer calibration measures untransformed layers; its sensitivities were measured on "
-                         f"transformed ones ({sens.meta['transforms']})")
+    if bool(sens.meta.get("transforms")) != bool(transforms):
+        raise ValueError(f"sensitivities measured on {sens.meta.get('transforms') or 'untransformed'} layers need "
+                         f"the same layers measured here; got {'transforms' if transforms else 'none'}")
     missing = set(sens.product) - set(quantizable(policy.model, policy.module_roles()))
     if missing:
         raise ValueError(f"sensitivity layers not in the policy: {sorted(missing)[:3]}")
@@ -104,7 +107,7 @@ def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: lis
     history, current = [], sens
     for r in range(rounds):
         bits = allocate_bits(current)
-        truth = layer_deviations(policy, batches, form, bits, a_bits, step_w)
+        truth = layer_deviations(policy, batches, form, bits, a_bits, step_w, transforms)
         pred = predicted(raw, {n: bits[n] for n in truth})
         ratio = {n: truth[n] / pred[n] for n in truth if pred[n] > 0}
         for n, q in ratio.items():

@@ -113,7 +113,8 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
             provenance["sensitivity_file"] = str(file)
             if cfg.layer_calibrate:
                 sens = calibrate_layers(policy, sens, lambda s: qvla_plan(policy, cfg, s).bits, observations,
-                                        cfg.proxy, step_weights(observations, cfg.weighting), log=log.info)
+                                        cfg.proxy, step_weights(observations, cfg.weighting),
+                                        transforms=transforms[1] if transforms else None, log=log.info)
         # what each kind of method calibrates on; the baselines ("observations") per layer on the same steps
         calibration = {None: lambda: None, "observations": lambda: observations, "sensitivity": lambda: sens,
                        "both": lambda: (sens, observations), "transformed": lambda: (sens, transforms[1], observations)}[needs]()

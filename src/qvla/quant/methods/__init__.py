@@ -42,7 +42,7 @@ class QuantConfig:
     bias_correct: bool = False  # method "M+bc": M, then bias correction on the calibration inputs
     act_clip: bool = False  # method "M+ac": M, then per-layer activation clipping ratios (A8 / A4)
     weighting: str = "steps"  # calibration steps weigh 1 each ("steps") or each episode weighs the same ("episode")
-    layer_calibrate: bool = False  # method "M+lc": QVLA-family M allocating from layer-calibrated sensitivities
+    layer_calibrate: bool = False  # method "M+lc": a QVLA method allocating from layer-calibrated sensitivities
 
     def __post_init__(self) -> None:
         self.method, suffixes = split_method(self.method)
@@ -52,10 +52,9 @@ class QuantConfig:
             raise ValueError(f"activation clipping ({self.method}+ac) needs --a-bits 8 or 4, got {self.a_bits}")
         if self.method not in METHODS:
             raise KeyError(f"unknown method {self.method!r}; available: {sorted(METHODS)}")
-        if self.layer_calibrate and NEEDS[self.method] not in ("sensitivity", "both"):
-            raise ValueError(f"+lc rescales the sensitivities a QVLA allocation reads from untransformed layers; "
-                             f"{self.method} has none (use one of "
-                             f"{sorted(m for m, n in NEEDS.items() if n in ('sensitivity', 'both'))})")
+        if self.layer_calibrate and NEEDS[self.method] not in ("sensitivity", "both", "transformed"):
+            raise ValueError(f"+lc rescales the sensitivities a QVLA allocation reads; {self.method} has none "
+                             f"(use one of {sorted(m for m, n in NEEDS.items() if n in ('sensitivity', 'both', 'transformed'))})")
         if not (0 < self.w_bits <= 16):
             raise ValueError(f"--w-bits (average bits per weight) must be in (0, 16], got {self.w_bits}")
         if self.a_bits not in A_BITS:
