@@ -73,7 +73,8 @@ def main() -> None:
             policy.reset()
             pol.append(play(env, spec, lambda: np.asarray(policy.act(env.observe()))))
             exp.append(play(env, spec, lambda: [env.expert_action()]))
-        out["tasks"][task] = {"policy": summary(pol), "expert": summary(exp), "episodes": {"policy": pol, "expert": exp}}
+        out["tasks"][task] = {"policy": summary(pol), "expert": summary(exp),
+                              "episodes": {"policy": pol, "expert": exp}}
         p, e = out["tasks"][task]["policy"], out["tasks"][task]["expert"]
         print(f"{task}: policy {p['success_rate']:.0%} (closest {p['median_closest_hand_object_m'] * 100:.1f} cm, "
               f"xy {p['median_closest_xy_m'] * 100:.1f} cm, lift {p['median_object_lift_m'] * 100:.1f} cm) | expert "

@@ -1,6 +1,7 @@
 """What layer calibration ('+lc') found: per layer and round, the measured deviation with only that layer
 quantized at the planned bits against the sum of its channels' proxy costs, and the scale each layer ended
-with. Reads the plan a `qvla quantize --method M+lc` checkpoint carries.
+with. Reads the plan a `qvla quantize --method M+lc` checkpoint carries; its last entry ("final plan") is
+measured on the plan itself.
 
 Usage: python bench/layer_calibration.py CKPT_DIR --out results/ablation/NAME-layers.json
 """
@@ -26,7 +27,7 @@ def main() -> None:
     for h in sens["layer_calibration"]["history"]:
         ratio = {n: h["truth"][n] / h["predicted"][n] for n in h["truth"] if h["predicted"][n] > 0}
         r = np.array(list(ratio.values()))
-        rounds.append({"round": h["round"] + 1, "layers": len(r), "median_ratio": float(np.median(r)),
+        rounds.append({"round": h["round"] + 1, "final": h.get("final", False), "layers": len(r), "median_ratio": float(np.median(r)),
                        "layers_within_0.8_1.25": int(((r >= 0.8) & (r <= 1.25)).sum()),
                        "measured_sum": float(sum(h["truth"].values())),
                        "predicted_sum": float(sum(h["predicted"].values())),
@@ -34,7 +35,7 @@ def main() -> None:
                        "highest": sorted(([n, round(q, 2), h["pruned"][n]] for n, q in ratio.items()),
                                          key=lambda t: -t[1])[:5]})
         x = rounds[-1]
-        print(f"round {x['round']}: median measured/predicted {x['median_ratio']:.2f}, {x['layers_within_0.8_1.25']}/"
+        print(f"{'final plan' if x['final'] else 'round %d' % x['round']}: median measured/predicted {x['median_ratio']:.2f}, {x['layers_within_0.8_1.25']}/"
               f"{x['layers']} layers within 0.8-1.25, measured sum {x['measured_sum']:.1f} vs predicted "
               f"{x['predicted_sum']:.1f}, {x['pruned_channels']} channels pruned; highest [layer, ratio, pruned]: "
               f"{x['highest'][:3]}")

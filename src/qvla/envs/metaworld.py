@@ -158,6 +158,7 @@ class MetaWorldEnv:
 
     def privileged_state(self) -> dict[str, np.ndarray]:
         """Hand, object and goal positions from the simulator, for diagnostics (never given to a policy)."""
+        self._require_task()
         raw = self._raw_obs
         return {"hand": raw[:3].copy(), "object": raw[4:7].copy(), "goal": raw[-3:].copy()}
 
