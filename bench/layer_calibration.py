@@ -35,7 +35,8 @@ def main() -> None:
                        "highest": sorted(([n, round(q, 2), h["pruned"][n]] for n, q in ratio.items()),
                                          key=lambda t: -t[1])[:5]})
         x = rounds[-1]
-        print(f"{'final plan' if x['final'] else 'round %d' % x['round']}: median measured/predicted {x['median_ratio']:.2f}, {x['layers_within_0.8_1.25']}/"
+        label = "final plan" if x["final"] else f"round {x['round']}"
+        print(f"{label}: median measured/predicted {x['median_ratio']:.2f}, {x['layers_within_0.8_1.25']}/"
               f"{x['layers']} layers within 0.8-1.25, measured sum {x['measured_sum']:.1f} vs predicted "
               f"{x['predicted_sum']:.1f}, {x['pruned_channels']} channels pruned; highest [layer, ratio, pruned]: "
               f"{x['highest'][:3]}")

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from qvla.calibrate import load_calibration
 from qvla.checkpoint import WEIGHTS, read_meta, save_checkpoint, sha256
 from qvla.quant import sensitivity as S
-from qvla.quant.apply import quantize_, quantized_tensors
 from qvla.quant.activation_clip import clip_activations
+from qvla.quant.apply import quantize_, quantized_tensors
 from qvla.quant.bias_correction import correct_biases
 from qvla.quant.layer_calibration import calibrate_layers
 from qvla.quant.methods import METHODS, NEEDS, TRANSFORMED, QuantConfig, transforms_for
