@@ -21,4 +21,6 @@ $Q --settings W4A16,W4A4 --methods qvla-gptq,qvla-rot-gptq
 $Q --settings W4A4 --methods qvla-rot-gptq+ac
 $Q --settings W3A16 --methods qvla-gptq
 $Q --settings W8A8 --methods qvla-gptq,qvla-rot-gptq
+$Q --settings W4A16,W3A16,W2.5A16,W2A16 --methods qvla-gptq+lc
+$Q --settings W4A4 --methods qvla-rot-gptq+lc
 .venv/bin/python bench/sweep.py --policy "$P" --calib "$OUT/calib" --form "$FORM" --episodes-per-task "$N" --baselines rtn --out "$OUT"
