@@ -1,8 +1,10 @@
-"""Collects saved evaluation results into one markdown table (paired against full precision).
+"""Collects saved closed-loop results into one markdown table, each row paired against full precision on the
+same evaluation episodes.
 
 Usage: python bench/summarize.py > results/summary.md
-Reads results/fp/<policy>.json(l) and every results/{qvla,rtn}/<policy>/eval-*.json(l) with its checkpoint's
-config.json (method, bits). Retained = quantized success / FP success on the same episodes.
+Reads every results/table/<dir>/table.json (the rows `qvla table` wrote, with its FP run) and every
+results/ablation/<policy-prefix>-*.json evaluation, paired with the FP run of the table directory of the
+same policy and seed (results/table/microvla-<chunk|token>[-seed<S>]/fp.json).
 """
 from __future__ import annotations
 
@@ -12,27 +14,57 @@ from pathlib import Path
 from qvla.table import paired_delta, records
 
 R = Path(__file__).resolve().parent.parent / "results"
+HEAD = ("| policy | episodes (seed) | setting | method | avg bits | success | retained vs FP | Δ vs FP (95% CI) "
+        "| errors | source |")
+
+
+def line(policy: str, seed: int, setting: str, method: str, bits, fp_rate: float, rate: float, delta: float,
+         ci: float, errors: int, source: str) -> str:
+    ret = f"{100 * rate / fp_rate:.0f}%" if fp_rate else "—"
+    b = f"{bits:.2f}" if isinstance(bits, (int, float)) else "—"
+    return (f"| {policy} | eval ({seed}) | {setting} | {method} | {b} | {100 * rate:.1f}% | {ret} | "
+            f"{100 * delta:+.1f} ± {100 * ci:.1f} | {errors} | `{source}` |")
+
+
+def table_rows(d: Path) -> list[str]:
+    t = json.loads((d / "table.json").read_text())
+    fp = json.loads((d / "fp.json").read_text())
+    seed = fp.get("seed", 0)
+    out = [f"| {t['policy']} | eval ({seed}) | W16A16 | FP | 16 | {100 * t['fp']:.1f}% | — | — | "
+           f"{len(fp['errors'])} | `{(d / 'fp.json').relative_to(R.parent)}` |"]
+    for r in t["rows"]:
+        out.append(line(t["policy"], seed, r["setting"], r["method"], r.get("average_bits"), t["fp"], r["success_rate"],
+                        r["delta"], r["delta_ci95"], r["errors"], r["eval"]))
+    return out
+
+
+def ablation_rows() -> list[str]:
+    out = []
+    for f in sorted((R / "ablation").glob("*.json")):
+        if not f.with_suffix(".jsonl").is_file():
+            continue  # not an evaluation (e.g. a layer-calibration report)
+        s = json.loads(f.read_text())
+        policy = "microvla-" + f.stem.split("-")[0]
+        fp_file = R / "table" / (policy + (f"-seed{s['seed']}" if s.get("seed") else "")) / "fp.json"
+        if not fp_file.is_file():
+            out.append(f"| {policy} | eval ({s.get('seed')}) | — | {f.stem} | — | {100 * s['success_rate']:.1f}% | — | "
+                       f"no FP run on these episodes | {len(s['errors'])} | `{f.relative_to(R.parent)}` |")
+            continue
+        fp = json.loads(fp_file.read_text())
+        m, hw, _ = paired_delta(records(fp_file), records(f))
+        cfg = R.parent / s["checkpoint"] / "config.json"  # absent where the checkpoint was not kept
+        bits = json.loads(cfg.read_text())["quantization"]["average_bits"] if cfg.is_file() else None
+        out.append(line(policy, s.get("seed", 0), "ablation", f.stem, bits, fp["success_rate"], s["success_rate"],
+                        m, hw, len(s["errors"]), str(f.relative_to(R.parent))))
+    return out
 
 
 def main() -> None:
-    print("| policy | method | setting | allocation | avg bits | success | retained vs FP | Δ vs FP (95% CI) | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for fp_file in sorted((R / "fp").glob("*.json")):
-        pol = fp_file.stem
-        fp_sum, fp = json.loads(fp_file.read_text()), records(fp_file)
-        print(f"| {pol} | FP | W16A16 | — | 16 | {100 * fp_sum['success_rate']:.1f}% | — | — | {len(fp_sum['errors'])} |")
-        for method in ("rtn", "qvla"):
-            for f in sorted((R / method / pol).glob("eval-*.json")):
-                s = json.loads(f.read_text())
-                q = json.loads((Path(s["checkpoint"]) / "config.json").read_text())["quantization"]
-                m, hw, _ = paired_delta(fp, records(f))
-                ret = s["success_rate"] / fp_sum["success_rate"] if fp_sum["success_rate"] else float("nan")
-                name = f.stem.removeprefix("eval-")
-                prov = json.loads((Path(s["checkpoint"]) / "plan.json").read_text())["provenance"]
-                alloc = "uniform" if method == "rtn" else f"{prov.get('solver')}, {prov.get('proxy')}"
-                alloc = alloc.replace("greedy,", "chain greedy,")  # plans made before the hull greedy
-                print(f"| {pol} | {method} | {name} | {alloc} | {q['average_bits']:.2f} | {100 * s['success_rate']:.1f}% | "
-                      f"{100 * ret:.0f}% | {100 * m:+.1f} ± {100 * hw:.1f} pts | {len(s['errors'])} |")
+    print(HEAD)
+    print("|" + "---|" * (HEAD.count("|") - 1))
+    for d in sorted(p.parent for p in (R / "table").glob("*/table.json")):
+        print("\n".join(table_rows(d)))
+    print("\n".join(ablation_rows()))
 
 
 if __name__ == "__main__":
