@@ -19,7 +19,7 @@ from qvla.calibrate import load_calibration
 from qvla.policies import load_policy
 from qvla.quant.methods import QuantConfig
 from qvla.quant.pipeline import quantize
-from qvla.quant.sensitivity import _deviation, _outputs
+from qvla.quant.sensitivity import _deviation, _outputs, batches
 from qvla.table import parse_setting
 
 
@@ -35,8 +35,8 @@ def main() -> None:
     torch.set_flush_denormal(True)
     fp = load_policy(a.policy)
     _, obs = load_calibration(a.holdout or a.calib, None)
-    batches = [fp.teacher_ids(fp.batch(obs[s:s + 32])) for s in range(0, len(obs), 32)]
-    ref = _outputs(fp, batches, a.form)
+    steps = batches(fp, obs, 32)
+    ref = _outputs(fp, steps, a.form)
     res = {"policy": a.policy, "observations": len(obs), "form": a.form, "rows": []}
     for run in a.runs.split(","):
         setting, method = run.split(":")
@@ -45,7 +45,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             quantize(a.policy, QuantConfig(method=method, w_bits=w, a_bits=ab, form=a.form), a.calib, tmp)
             q = load_policy(tmp, kernels="simulated")
-            dev = _deviation(ref, _outputs(q, batches, a.form), a.form) / len(obs)
+            dev = _deviation(ref, _outputs(q, steps, a.form), a.form) / len(obs)
         row = {"setting": setting, "method": method, "deviation": dev, "seconds": round(time.time() - t0, 1)}
         print(json.dumps(row), flush=True)
         res["rows"].append(row)

@@ -23,16 +23,12 @@ def sens(toy, toy_obs) -> S.Sensitivity:
     return S.compute(toy, toy_obs, batch_size=8)
 
 
-def _batches(policy, obs, size=8):
-    return [policy.batch(obs[s:s + size]) for s in range(0, len(obs), size)]
-
-
 @pytest.mark.parametrize("a_bits", [16, 8])
 @torch.no_grad()
 def test_layer_deviation_is_the_brute_force_deviation(toy, toy_obs, a_bits):
     bits = {"3": torch.tensor([0, 2, 4, 8] * 4), "5": torch.tensor([16, 16, 4, 2, 0, 8])}
     before = {n: p.clone() for n, p in toy.model.state_dict().items()}
-    got = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, a_bits, torch.ones(len(toy_obs)).double())
+    got = L.layer_deviations(toy, S.batches(toy, toy_obs, 8), "action", bits, a_bits, torch.ones(len(toy_obs)).double())
     x = torch.stack(toy_obs)
     ref = toy.model(x)
     for n, b in bits.items():
@@ -55,8 +51,8 @@ def test_a_rotated_layer_is_measured_rotated(toy, toy_obs):
     signs = random_signs(100, seed=3)
     bits = {"3": torch.full((16,), 2)}
     w1 = torch.ones(len(toy_obs)).double()
-    rotated = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, 4, w1, {"3": {"in_signs": signs}})
-    plain = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, 4, w1)
+    rotated = L.layer_deviations(toy, S.batches(toy, toy_obs, 8), "action", bits, 4, w1, {"3": {"in_signs": signs}})
+    plain = L.layer_deviations(toy, S.batches(toy, toy_obs, 8), "action", bits, 4, w1)
     x = torch.stack(toy_obs)
     h = toy.model[:3](x)
     w = fake_quant_mixed(rotate_weight(toy.model[3].weight.float(), signs), bits["3"])
@@ -67,21 +63,21 @@ def test_a_rotated_layer_is_measured_rotated(toy, toy_obs):
 
 def test_a_layer_kept_in_floating_point_is_not_measured(toy, toy_obs):
     bits = {"0": torch.full((4,), 16), "3": torch.full((16,), 4)}
-    got = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, 16, torch.ones(len(toy_obs)).double())
+    got = L.layer_deviations(toy, S.batches(toy, toy_obs, 8), "action", bits, 16, torch.ones(len(toy_obs)).double())
     assert set(got) == {"3"} and got["3"] > 0
 
 
 def test_kl_deviation_is_zero_for_equal_logits_and_positive_otherwise():
     z = torch.randn(3, 4, 8)
-    assert torch.allclose(L.per_step_deviation(z, z, "logits"), torch.zeros(3), atol=1e-6)
-    assert (L.per_step_deviation(z, z + torch.randn(3, 4, 8), "logits") > 0).all()
-    assert torch.allclose(L.per_step_deviation(z[:, 0], z[:, 0] + 1, "action"), torch.full((3,), 8 ** 0.5))
+    assert torch.allclose(S.per_step_deviation(z, z, "logits"), torch.zeros(3), atol=1e-6)
+    assert (S.per_step_deviation(z, z + torch.randn(3, 4, 8), "logits") > 0).all()
+    assert torch.allclose(S.per_step_deviation(z[:, 0], z[:, 0] + 1, "action"), torch.full((3,), 8 ** 0.5))
 
 
 def test_one_output_channel_is_predicted_exactly(toy, toy_obs, sens):
     """The output layer's one quantized channel moves the action by exactly its projected term."""
     bits = {"5": torch.tensor([16, 16, 2, 16, 16, 16])}
-    truth = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, 16, torch.ones(len(toy_obs)).double())
+    truth = L.layer_deviations(toy, S.batches(toy, toy_obs, 8), "action", bits, 16, torch.ones(len(toy_obs)).double())
     assert truth["5"] == pytest.approx(L.predicted(sens.projected, bits)["5"], rel=1e-5)
 
 
@@ -117,7 +113,7 @@ def test_scales_are_the_running_maximum_of_measured_over_predicted(toy, toy_obs,
 def test_a_conv_layer_and_step_weights(toy, toy_obs):
     bits = {"0": torch.tensor([2, 4, 0, 16])}
     w = torch.tensor([2.0] * 12 + [0.0] * 12, dtype=torch.float64)
-    got = L.layer_deviations(toy, _batches(toy, toy_obs), "action", bits, 8, w)
+    got = L.layer_deviations(toy, S.batches(toy, toy_obs, 8), "action", bits, 8, w)
     x = torch.stack(toy_obs[:12])
     conv = toy.model[0]
     xq = fake_quant_activation(x.movedim(1, -1), 8).movedim(-1, 1)  # a conv token is one pixel
@@ -145,7 +141,7 @@ def test_channels_that_err_together_are_found_worse_than_their_proxy(toy_obs, du
     toy = _duplicated(dup)
     sens = S.compute(toy, toy_obs, form="logits", batch_size=8, probes=64)
     bits = {"3": torch.full((16,), 4)}
-    truth = L.layer_deviations(toy, _batches(toy, toy_obs), "logits", bits, 16, torch.ones(len(toy_obs)).double())
+    truth = L.layer_deviations(toy, S.batches(toy, toy_obs, 8), "logits", bits, 16, torch.ones(len(toy_obs)).double())
     ratio = truth["3"] / L.predicted(sens.projected, bits)["3"]
     assert (1.7 < ratio < 2.5) if dup else (0.8 < ratio < 1.25), ratio
 

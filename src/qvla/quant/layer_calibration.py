@@ -31,17 +31,15 @@ import numpy as np
 import torch
 
 from qvla.quant.apply import FACTORIES
-from qvla.quant.sensitivity import SENS_BITS, Sensitivity, quantizable
+from qvla.quant.sensitivity import (
+    SENS_BITS,
+    Sensitivity,
+    batches,
+    per_step_deviation,
+    quantizable,
+)
 
 ROUNDS = 3
-
-
-def per_step_deviation(ref: torch.Tensor, new: torch.Tensor, form: str) -> torch.Tensor:
-    """(B,) deviation of each step's outputs: KL(p_ref || p_new) over its action tokens, or L2 distance."""
-    if form == "logits":
-        r, n = ref.log_softmax(-1), new.log_softmax(-1)
-        return (r.exp() * (r - n)).flatten(1).sum(1)
-    return (new - ref).flatten(1).norm(dim=1)
 
 
 @torch.no_grad()
@@ -103,15 +101,14 @@ def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: lis
     if missing:
         raise ValueError(f"sensitivity layers not in the policy: {sorted(missing)[:3]}")
     form, a_bits = sens.meta["form"], sens.meta["a_bits"]
-    batches = [policy.teacher_ids(policy.batch(observations[s:s + batch_size]))
-               for s in range(0, len(observations), batch_size)]
+    steps = batches(policy, observations, batch_size)
     step_w = torch.ones(len(observations), dtype=torch.float64) if weights is None else weights.double()
     raw = getattr(sens, table)
     scale = {n: 1.0 for n in sens.product}
     history, current = [], sens
     for r in range(rounds + 1):  # the last pass measures the allocation the final costs give: the plan's
         bits = allocate_bits(current)
-        truth = layer_deviations(policy, batches, form, bits, a_bits, step_w, transforms)
+        truth = layer_deviations(policy, steps, form, bits, a_bits, step_w, transforms)
         pred = predicted(raw, {n: bits[n] for n in truth})
         ratio = {n: truth[n] / pred[n] for n in truth if pred[n] > 0}
         history.append({"round": r, "final": r == rounds, "truth": truth, "predicted": pred,

@@ -248,16 +248,28 @@ def load(path) -> tuple[Sensitivity, dict]:
     return sens, meta
 
 
+def batches(policy, observations: list, batch_size: int) -> list[dict]:
+    """The observations as the policy's batches, token heads teacher-forced on their own greedy tokens."""
+    return [policy.teacher_ids(policy.batch(observations[s:s + batch_size]))
+            for s in range(0, len(observations), batch_size)]
+
+
 @torch.no_grad()
 def _outputs(policy, batches: list[dict], form: str) -> list[torch.Tensor]:
-    outs = [policy.action_outputs(b, form) for b in batches]
-    return [o.log_softmax(-1) for o in outs] if form == "logits" else outs
+    return [policy.action_outputs(b, form) for b in batches]
+
+
+def per_step_deviation(ref: torch.Tensor, new: torch.Tensor, form: str) -> torch.Tensor:
+    """(B,) deviation of each step's outputs: KL(p_ref || p_new) over its action tokens, or L2 distance."""
+    if form == "logits":
+        r, n = ref.log_softmax(-1), new.log_softmax(-1)
+        return (r.exp() * (r - n)).flatten(1).sum(1)
+    return (new - ref).flatten(1).norm(dim=1)
 
 
 def _deviation(ref: list[torch.Tensor], new: list[torch.Tensor], form: str) -> float:
-    if form == "logits":  # KL(p_fp || p_q), summed over action tokens and steps
-        return float(sum((r.exp() * (r - n)).sum() for r, n in zip(ref, new)))
-    return float(sum((n - r).norm(dim=-1).sum() for r, n in zip(ref, new)))
+    """Summed over steps (KL for logits, L2 distance for actions)."""
+    return float(sum(per_step_deviation(r, n, form).sum() for r, n in zip(ref, new)))
 
 
 def validate(policy, observations: list, sens: Sensitivity, k: int, seed: int = 0, batch_size: int = 32,
@@ -273,9 +285,8 @@ def validate(policy, observations: list, sens: Sensitivity, k: int, seed: int = 
     rng = np.random.default_rng(seed)
     layers = list(sens.product)
     sizes = np.array([sens.product[n].shape[0] for n in layers])
-    batches = [policy.teacher_ids(policy.batch(observations[s:s + batch_size]))
-               for s in range(0, len(observations), batch_size)]
-    ref = _outputs(policy, batches, form)
+    steps = batches(policy, observations, batch_size)
+    ref = _outputs(policy, steps, form)
     rows, t0 = [], time.time()
     flat = rng.choice(sizes.sum(), size=k, replace=k > sizes.sum())
     offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -286,7 +297,7 @@ def validate(policy, observations: list, sens: Sensitivity, k: int, seed: int = 
         w = mods[name].weight
         saved = w.data[c].clone()
         w.data[c] = fake_quant_rows(saved[None], b)[0]
-        truth = _deviation(ref, _outputs(policy, batches, form), form)
+        truth = _deviation(ref, _outputs(policy, steps, form), form)
         w.data[c] = saved
         col = SENS_BITS.index(b)
         rows.append({"layer": name, "role": sens.roles[name], "channel": c, "bits": b, "truth": truth,
