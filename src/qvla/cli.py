@@ -10,9 +10,15 @@ from pathlib import Path
 
 
 def _demos(a: argparse.Namespace) -> None:
-    from qvla.demos import parse_per_task, write_demos
+    from qvla.demos import add_states, parse_per_task, write_demos
     from qvla.envs import get_suite
 
+    if a.add_state:
+        n = add_states(a.add_state, workers=a.workers)
+        print(f"added states to {n} episodes of {a.add_state}")
+        return
+    if a.per_task is None or a.out is None:
+        raise ValueError("qvla demos needs --per-task and --out (or --add-state DIR)")
     per_task = parse_per_task(a.per_task, get_suite(a.suite).tasks)
     m = write_demos(a.suite, per_task, a.out, seed=a.seed, image_size=a.image_size, workers=a.workers)
     print(f"kept {len(m['episodes'])} of {m['attempted']} expert episodes "
@@ -23,7 +29,7 @@ def _train(a: argparse.Namespace) -> None:
     from qvla.train import TrainConfig, train
 
     cfg = TrainConfig(policy=a.policy, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                      threads=a.threads, save_every=a.save_every)
+                      threads=a.threads, save_every=a.save_every, aux_state=a.aux_state)
     out = train(cfg, a.data, a.out)
     print(f"trained {a.policy} -> {out}")
 
@@ -106,9 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demos", help="record scripted-expert demonstrations")
     d.add_argument("--suite", default="mt10")
-    d.add_argument("--per-task", required=True, metavar="N[,TASK=N...]",
+    d.add_argument("--per-task", metavar="N[,TASK=N...]",
                    help="expert episodes attempted per task; e.g. 40,reach=200 gives reach its own count")
-    d.add_argument("--out", required=True)
+    d.add_argument("--out")
+    d.add_argument("--add-state", metavar="DIR",
+                   help="add the privileged state to the episodes of an existing demo directory (replay)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--image-size", type=int, default=96)
     d.add_argument("--workers", type=int, default=1)
@@ -124,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--save-every", type=int, default=500)
+    t.add_argument("--aux-state", type=float, default=0.0,
+                   help="weight of the training-only loss predicting hand/object/goal positions (0: off)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="closed-loop evaluation on a suite's evaluation episodes")

@@ -6,7 +6,10 @@ Format (one directory):
                               "seed", "episodes": [{"file", "id", "task", "instruction", "steps"}],
                               "attempted", "dropped": [{"id", "reason"}]}
     episodes/<task>-<k>.npz  arrays, T = steps: "<camera>" (T, H, W, 3) uint8 for each camera,
-                             "proprio" (T, 4) float32, "actions" (T, 4) float32 in [-1, 1]
+                             "proprio" (T, 4) float32, "actions" (T, 4) float32 in [-1, 1],
+                             "state" (T, 9) float32: hand, object and goal xyz from the simulator
+                             (training targets for an auxiliary loss, never a policy input; demos
+                             recorded without it get it from `add_states`, which replays the actions)
 Frame t holds the observation seen *before* action t. Only successful expert episodes are kept; files are
 plain .npz read with allow_pickle=False.
 """
@@ -36,20 +39,46 @@ class Episode:
     images: dict[str, np.ndarray]  # camera -> (T, H, W, 3) uint8
     proprio: np.ndarray  # (T, 4) float32
     actions: np.ndarray  # (T, 4) float32
+    state: np.ndarray | None = None  # (T, 9) float32: hand, object, goal xyz (privileged; see STATE)
+
+
+STATE = ("hand", "object", "goal")  # the privileged-state fields, 3 floats each, in this order
+ARRAYS = ("proprio", "actions", "state")  # every other array of an episode file is a camera
+
+
+def state_vector(env) -> np.ndarray:
+    s = env.privileged_state()
+    return np.concatenate([s[k] for k in STATE]).astype(np.float32)
 
 
 def record_expert(env, spec: EpisodeSpec) -> tuple[Episode, bool]:
     """Plays the scripted expert on one episode; returns what it saw and did, and whether it succeeded."""
     env.reset(spec)
-    frames, proprio, actions, success = [], [], [], False
+    frames, proprio, actions, states, success = [], [], [], [], False
     while len(actions) < env.max_steps and not success:
         obs = env.observe()
         action = env.expert_action()
         frames.append(obs.images), proprio.append(obs.proprio), actions.append(action)
+        states.append(state_vector(env))
         success = env.step(action)
     images = {c: np.stack([f[c] for f in frames]) for c in frames[0]}
     return Episode(spec.id, spec.task, obs.instruction, images, np.stack(proprio).astype(np.float32),
-                   np.clip(np.stack(actions), -1, 1).astype(np.float32)), success
+                   np.clip(np.stack(actions), -1, 1).astype(np.float32), np.stack(states)), success
+
+
+def replay_states(env, spec: EpisodeSpec, episode: Episode) -> np.ndarray:
+    """The privileged state before each stored action, by replaying the actions (no rendering). Fails if
+    the replay leaves the recorded trajectory or does not end in success."""
+    env.reset(spec)
+    states, success = [], False
+    for t, action in enumerate(episode.actions):
+        states.append(state_vector(env))
+        if not np.allclose(states[-1][:3], episode.proprio[t, :3], atol=1e-5):
+            raise RuntimeError(f"{spec.id}: replay left the recorded hand trajectory at step {t}")
+        success = env.step(action)
+    if not success:
+        raise RuntimeError(f"{spec.id}: replaying the recorded actions did not succeed")
+    return np.stack(states)
 
 
 _worker_env = None
@@ -97,7 +126,7 @@ def write_demos(suite: str, per_task: int | dict[str, int], out: str | Path, see
                     continue
                 k = counts[spec.task] = counts.get(spec.task, -1) + 1
                 name = f"episodes/{spec.task}-{k:04d}.npz"
-                np.savez(tmp / name, proprio=ep.proprio, actions=ep.actions, **ep.images)
+                np.savez(tmp / name, proprio=ep.proprio, actions=ep.actions, state=ep.state, **ep.images)
                 kept.append({"file": name, "id": ep.id, "task": ep.task, "instruction": ep.instruction,
                              "steps": int(len(ep.actions))})
         manifest = {"format": FORMAT, "suite": suite, "image_size": image_size,
@@ -121,11 +150,38 @@ def read_manifest(path: str | Path) -> dict:
 
 def read_episode(path: str | Path, entry: dict) -> Episode:
     with np.load(Path(path) / entry["file"], allow_pickle=False) as z:
-        cams = [k for k in z.files if k not in ("proprio", "actions")]
+        cams = [k for k in z.files if k not in ARRAYS]
         return Episode(entry["id"], entry["task"], entry["instruction"], {c: z[c] for c in cams},
-                       z["proprio"], z["actions"])
+                       z["proprio"], z["actions"], z["state"] if "state" in z.files else None)
 
 
 def read_demos(path: str | Path) -> tuple[dict, list[Episode]]:
     manifest = read_manifest(path)
     return manifest, [read_episode(path, e) for e in manifest["episodes"]]
+
+
+def _replay(args: tuple[str, dict, EpisodeSpec]) -> tuple[str, np.ndarray]:
+    path, entry, spec = args
+    return entry["file"], replay_states(_worker_env, spec, read_episode(path, entry))
+
+
+def add_states(path: str | Path, workers: int = 1) -> int:
+    """Adds the privileged `state` array to every episode of a demo directory that lacks it, by replaying
+    its actions; each file is replaced whole (write, then rename). Returns how many episodes were updated."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    specs = {s.id: s for s in get_suite(manifest["suite"]).episodes(
+        "train", manifest["per_task"], manifest["seed"], sorted({e["task"] for e in manifest["episodes"]}))}
+    todo = []
+    for e in manifest["episodes"]:
+        with np.load(path / e["file"], allow_pickle=False) as z:
+            if "state" not in z.files:
+                todo.append((str(path), e, specs[e["id"]]))
+    with mp.get_context("spawn").Pool(workers, _init_worker, (manifest["suite"], manifest["image_size"])) as pool:
+        for file, states in tqdm(pool.imap(_replay, todo), total=len(todo), desc="states", unit="ep"):
+            with np.load(path / file, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            tmp = path / (file + ".tmp.npz")
+            np.savez(tmp, **arrays, state=states)
+            tmp.replace(path / file)
+    return len(todo)

@@ -36,6 +36,7 @@ class TrainConfig:
     warmup: int = 200  # steps
     weight_decay: float = 0.05
     shift: int = 6  # random-shift augmentation, pixels
+    aux_state: float = 0.0  # weight of the auxiliary loss: predict hand/object/goal xyz (needs demo states)
     seed: int = 0
     threads: int = 2  # torch intra-op threads; results are reproducible for a fixed value
     save_every: int = 500  # steps between resumable checkpoints
@@ -46,17 +47,25 @@ class TrainConfig:
         for f in ("steps", "batch_size", "threads", "save_every"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.aux_state < 0:
+            raise ValueError(f"aux_state must be >= 0, got {self.aux_state}")
 
 
 class DemoTensors:
     """All demonstration frames in memory as tensors, with K-step action targets."""
 
-    def __init__(self, demo_dir: str | Path, cameras: tuple[str, ...], chunk: int, text_of) -> None:
+    def __init__(self, demo_dir: str | Path, cameras: tuple[str, ...], chunk: int, text_of,
+                 state: bool = False) -> None:
         manifest, episodes = read_demos(demo_dir)
         missing = [c for c in cameras if c not in manifest["cameras"]]
         if missing:
             raise ValueError(f"demos in {demo_dir} lack cameras {missing}; they have {manifest['cameras']}")
+        lacking = [ep.id for ep in episodes if ep.state is None] if state else []
+        if lacking:
+            raise ValueError(f"the auxiliary state loss needs demo states; {len(lacking)} episodes of {demo_dir} "
+                             f"have none (e.g. {lacking[0]}): add them with 'qvla demos --add-state {demo_dir}'")
         imgs, prop, acts, text = [], [], [], []
+        self.state = torch.from_numpy(np.concatenate([aux_targets(ep.state) for ep in episodes])) if state else None
         for ep in episodes:
             T = len(ep.actions)
             imgs.append(np.stack([ep.images[c] for c in cameras], 1))
@@ -72,6 +81,34 @@ class DemoTensors:
 
     def __len__(self) -> int:
         return len(self.actions)
+
+
+def aux_targets(state: np.ndarray) -> np.ndarray:
+    """(T, 9) hand, object, goal xyz -> (T, 12): those and the object relative to the hand (metres)."""
+    return np.concatenate([state, state[:, 3:6] - state[:, :3]], 1).astype(np.float32)
+
+
+class AuxStateHead(torch.nn.Module):
+    """Training-only head: reads the decoder's outputs at the action positions (mean) and predicts the
+    standardized privileged state; it is not part of the policy and is not saved in the checkpoint."""
+
+    def __init__(self, dim: int, targets: torch.Tensor) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(dim, targets.shape[1])
+        self.register_buffer("mean", targets.mean(0))
+        self.register_buffer("std", targets.std(0).clamp_min(1e-3))
+
+    def loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.smooth_l1_loss(self.fc(hidden.mean(1)), (target - self.mean) / self.std, beta=0.1)
+
+
+def action_positions_output(model, store: dict):
+    """Forward hook on the decoder: keeps its outputs at the positions that predict actions."""
+    n = model.config.chunk * (1 if model.config.head == "chunk" else model.config.action_dim)
+
+    def hook(module, args, output):
+        store["hidden"] = output[0][:, -n:]
+    return hook
 
 
 def random_shift(images: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
@@ -128,10 +165,17 @@ def train(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> Path:
     policy = build_policy(cfg.policy)
     model = policy.model
     mc = policy.config
-    data = DemoTensors(data_dir, mc.cameras, mc.chunk, lambda s: policy.tokenizer.encode(s, mc.text_len))
+    data = DemoTensors(data_dir, mc.cameras, mc.chunk, lambda s: policy.tokenizer.encode(s, mc.text_len),
+                       state=cfg.aux_state > 0)
     init_weights(model, cfg.seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trained = torch.nn.ModuleDict({"policy": model})  # + the training-only auxiliary head
+    store: dict = {}
+    if cfg.aux_state > 0:
+        torch.manual_seed(cfg.seed)
+        trained["aux"] = AuxStateHead(mc.llm_dim, data.state)
+        hook = model.llm.register_forward_hook(action_positions_output(model, store))
+    decay = [p for n, p in trained.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in trained.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     start = 0
@@ -140,14 +184,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> Path:
         meta = json.loads((out / "resume" / "train_state.json").read_text())
         if meta["train_config"] != asdict(cfg):
             raise ValueError(f"{out} holds a run with a different config {meta['train_config']}; use a new --out")
-        model.load_state_dict(load_file(out / "resume" / WEIGHTS))
+        trained.load_state_dict(load_file(out / "resume" / WEIGHTS))
         _restore_optimizer(opt, load_file(state_file))
         start = meta["step"]
         log.info("resuming %s at step %d", out, start)
     log.info("%s: %d parameters, %d frames", cfg.policy, count_params(model), len(data))
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.policy}")
-    t0, ema = time.time(), None
+    t0, ema, aux_ema = time.time(), None, None
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
@@ -155,19 +199,26 @@ def train(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> Path:
                  "proprio": data.proprio[idx], "actions": data.actions[idx]}
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        loss = loss_fn(model, batch)
+        loss = action_loss = loss_fn(model, batch)
+        if cfg.aux_state > 0:
+            aux = trained["aux"].loss(store.pop("hidden"), data.state[idx])
+            loss = action_loss + cfg.aux_state * aux
+            aux_ema = aux.item() if aux_ema is None else 0.98 * aux_ema + 0.02 * aux.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema:.4f}")
+        ema = action_loss.item() if ema is None else 0.98 * ema + 0.02 * action_loss.item()
+        bar.set_postfix(loss=f"{ema:.4f}", **({"aux": f"{aux_ema:.3f}"} if aux_ema is not None else {}))
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            _save_resume(out, model, opt, cfg, step + 1)
+            _save_resume(out, trained, opt, cfg, step + 1)
+    if cfg.aux_state > 0:
+        hook.remove()
     model.eval()
     meta = {"family": "microvla", "policy": cfg.policy, "config": mc.to_dict(),
             "training": {**asdict(cfg), "demos": str(data_dir), "frames": len(data),
                          "demo_episodes": len(data.manifest["episodes"]), "final_loss_ema": ema,
+                         **({"final_aux_loss_ema": aux_ema} if aux_ema is not None else {}),
                          "seconds_this_run": round(time.time() - t0, 1)}}
     save_checkpoint(out, meta, model.state_dict())  # replaces the directory, resume state included
     log.info("weights sha256 %s", sha256(out / WEIGHTS))
