@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -40,6 +41,9 @@ def test_round_trip_matches_a_fresh_expert_recording(demo_dir, demo_tasks, env):
         assert (ep.id, ep.instruction) == (ref.id, ref.instruction)
         np.testing.assert_array_equal(ep.proprio, ref.proprio)
         np.testing.assert_array_equal(ep.actions, ref.actions)
+        np.testing.assert_array_equal(ep.state, ref.state)
+        assert ep.state.shape == (T, 9) and ep.state.dtype == np.float32
+        np.testing.assert_allclose(ep.state[:, :3], ep.proprio[:, :3], atol=1e-6)  # the hand is the hand
         for cam in ep.images:
             np.testing.assert_array_equal(ep.images[cam], ref.images[cam])
 
@@ -82,3 +86,41 @@ def test_parse_per_task():
         parse_per_task("40,fly=2", tasks)
     with pytest.raises(ValueError, match="expected N or N,TASK=N"):
         parse_per_task("40,reach", tasks)
+
+
+def _strip_states(src, dst) -> None:
+    """A copy of a demo directory as written before demos recorded states."""
+    shutil.copytree(src, dst)
+    for f in (dst / "episodes").iterdir():
+        with np.load(f, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k != "state"}
+        np.savez(f, **arrays)
+
+
+def test_add_states_replays_the_recorded_states(demo_dir, tmp_path):
+    from qvla.demos import add_states
+
+    old = tmp_path / "old"
+    _strip_states(demo_dir, old)
+    assert all(ep.state is None for ep in read_demos(old)[1])
+    assert add_states(old) == 2
+    for a, b in zip(read_demos(old)[1], read_demos(demo_dir)[1]):
+        np.testing.assert_array_equal(a.state, b.state)
+        np.testing.assert_array_equal(a.images["third"], b.images["third"])
+    assert add_states(old) == 0  # nothing left to add
+    assert sorted(p.name for p in (old / "episodes").iterdir()) == sorted(
+        p.name for p in (demo_dir / "episodes").iterdir())  # no temporary file left behind
+
+
+def test_add_states_refuses_actions_that_leave_the_recorded_trajectory(demo_dir, tmp_path):
+    from qvla.demos import add_states
+
+    old = tmp_path / "old"
+    _strip_states(demo_dir, old)
+    f = sorted((old / "episodes").iterdir())[0]
+    with np.load(f, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["actions"][5:] = -arrays["actions"][5:]
+    np.savez(f, **arrays)
+    with pytest.raises(RuntimeError, match="left the recorded hand trajectory"):
+        add_states(old)

@@ -45,9 +45,9 @@ def interrupt_after_first_resume_save(monkeypatch) -> None:
     monkeypatch.setattr(train_mod, "_save_resume", save_then_die)
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
-def test_resumed_run_matches_uninterrupted(tmp_path, demo_dir, monkeypatch, caplog, name):
-    cfg = TrainConfig(policy=name, **{**TINY, "steps": 4}, save_every=2, seed=5)
+@pytest.mark.parametrize("name, aux", [(n, 0.0) for n in sorted(POLICIES)] + [("microvla-token", 1.0)])
+def test_resumed_run_matches_uninterrupted(tmp_path, demo_dir, monkeypatch, caplog, name, aux):
+    cfg = TrainConfig(policy=name, **{**TINY, "steps": 4}, save_every=2, seed=5, aux_state=aux)
     full = train(cfg, demo_dir, tmp_path / "full")
     assert not (full / "resume").exists()  # the final save replaces the resume state
 
@@ -95,3 +95,52 @@ def test_random_shift_is_a_crop_of_the_edge_padded_image():
         offsets.append(hits[0])
     assert len(set(offsets)) > 1  # shifts vary across the batch
     assert torch.equal(random_shift(imgs, 0, g), imgs)
+
+
+def test_aux_state_loss_trains_a_head_that_is_not_shipped(tmp_path, demo_dir):
+    base = dict(policy="microvla-chunk", seed=0, **TINY)
+    plain = train(TrainConfig(**base), demo_dir, tmp_path / "plain")
+    aux = train(TrainConfig(**base, aux_state=0.5), demo_dir, tmp_path / "aux")
+    assert sha256(aux / WEIGHTS) != sha256(plain / WEIGHTS)  # the extra loss changed the policy's weights
+    from safetensors.torch import load_file
+
+    assert set(load_file(aux / WEIGHTS)) == set(load_file(plain / WEIGHTS))  # but added none to it
+    meta = json.loads((aux / CONFIG).read_text())["training"]
+    assert meta["aux_state"] == 0.5 and np.isfinite(meta["final_aux_loss_ema"])
+    load_policy(aux)
+
+
+def test_aux_state_head_reads_the_action_positions(demo_dir):
+    from qvla.policies import build_policy
+
+    for name in sorted(POLICIES):
+        policy = build_policy(name)
+        model, c = policy.model, policy.config
+        store: dict = {}
+        model.llm.register_forward_hook(train_mod.action_positions_output(model, store))
+        data = train_mod.DemoTensors(demo_dir, c.cameras, c.chunk, lambda s: policy.tokenizer.encode(s, c.text_len),
+                                     state=True)
+        idx = torch.arange(3)
+        batch = {"images": data.images[idx], "text": data.text[idx], "proprio": data.proprio[idx],
+                 "actions": data.actions[idx]}
+        train_mod.loss_fn(model, batch)
+        n = c.chunk * (1 if c.head == "chunk" else c.action_dim)  # K queries, or K*A action tokens
+        assert store["hidden"].shape == (3, n, c.llm_dim)
+        assert data.state.shape == (len(data), 12)
+        np.testing.assert_allclose(data.state[:, 9:], data.state[:, 3:6] - data.state[:, :3], atol=1e-6)
+
+
+def test_aux_state_needs_demo_states(tmp_path, demo_dir):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(demo_dir, old)
+    f = sorted((old / "episodes").iterdir())[0]
+    with np.load(f, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != "state"}
+    np.savez(f, **arrays)
+    with pytest.raises(ValueError, match="qvla demos --add-state"):
+        train(TrainConfig(policy="microvla-chunk", aux_state=1.0, **TINY), old, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="aux_state must be >= 0"):
+        TrainConfig(aux_state=-1)
