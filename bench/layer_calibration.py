@@ -27,7 +27,7 @@ def main() -> None:
     for h in sens["layer_calibration"]["history"]:
         ratio = {n: h["truth"][n] / h["predicted"][n] for n in h["truth"] if h["predicted"][n] > 0}
         r = np.array(list(ratio.values()))
-        rounds.append({"round": h["round"] + 1, "final": h.get("final", False), "layers": len(r), "median_ratio": float(np.median(r)),
+        rounds.append({"round": h["round"] + 1, "final": h.get("final", False), "layers": len(r), "median_ratio": float(np.median(r)), "unit": h.get("unit", 1.0),
                        "layers_within_0.8_1.25": int(((r >= 0.8) & (r <= 1.25)).sum()),
                        "measured_sum": float(sum(h["truth"].values())),
                        "predicted_sum": float(sum(h["predicted"].values())),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,16 +96,18 @@ def test_scales_are_the_running_maximum_of_measured_over_predicted(toy, toy_obs,
     out = L.calibrate_layers(toy, sens, allocate, toy_obs, "projected", rounds=2, batch_size=8)
     hist = out.meta["layer_calibration"]["history"]
     assert [h["final"] for h in hist] == [False, False, True] and seen[0] is sens
+    units = [float(np.median([h["truth"][n] / h["predicted"][n] for n in h["truth"]])) for h in hist]
+    assert [h["unit"] for h in hist] == pytest.approx(units) and units[0] < 1  # action form: relative to the median
     for n in sens.product:
-        ratios = [h["truth"][n] / h["predicted"][n] for h in hist[:2]]  # the final pass rescales nothing
+        ratios = [h["truth"][n] / h["predicted"][n] / h["unit"] for h in hist[:2]]  # the final pass rescales nothing
         scale = max([1.0] + ratios)
         assert out.meta["layer_scale"][n] == pytest.approx(scale, rel=1e-3)
         assert torch.allclose(out.projected[n], sens.projected[n] * scale, rtol=1e-3)
         assert torch.allclose(out.product[n], sens.product[n] * scale, rtol=1e-3)
         assert torch.equal(sens.projected[n], raw[n]), "the input tables are left as they were"
     # each round allocated from the previous round's rescaled costs; the final pass measured the last plan
-    assert seen[1].meta["layer_scale"] == {n: round(max(1.0, hist[0]["truth"][n] / hist[0]["predicted"][n]), 4)
-                                          for n in sens.product}
+    assert seen[1].meta["layer_scale"] == {
+        n: round(max(1.0, hist[0]["truth"][n] / hist[0]["predicted"][n] / units[0]), 4) for n in sens.product}
     assert seen[2].meta["layer_scale"] == out.meta["layer_scale"]
     assert hist[0]["pruned"] == {"0": 0, "3": 16, "5": 0} and hist[2]["pruned"] == {"0": 0, "3": 0, "5": 0}
 
@@ -157,6 +160,7 @@ def test_layer_calibration_moves_bits_to_the_layer_its_proxy_underrates(toy_obs)
     assert after.average_bits <= 4 + 1e-9
     final = out.meta["layer_calibration"]["history"][-1]  # measured on the plan the returned costs give
     assert final["final"] and final["pruned"] == {n: int((after.bits[n] == 0).sum()) for n in final["pruned"]}
+    assert all(h["unit"] == 1.0 for h in out.meta["layer_calibration"]["history"])  # KL costs add: no common factor
 
 
 def test_guards(toy, toy_obs, sens):

@@ -16,6 +16,14 @@ perturbation). So:
         costs[l] = scale_l * raw_cost[l]
     then allocate once more and measure that allocation (the plan's), without rescaling.
 
+Under the action distance (continuous heads) the sum of a layer's channel costs is an upper bound on its
+deviation (the triangle inequality: ||sum_c J_c dx_c|| <= sum_c ||J_c dx_c||), loose by how much the channels'
+action errors cancel: on the chunk policy every layer measures 0.1-0.7x its sum, so comparing with 1 would
+never rescale anything. There the unit is the median ratio over the measured layers (a common factor that
+does not change the allocation): a layer is rescaled by how much worse than the typical layer its proxy
+does, scale_l = max(scale_l, ratio_l / median_k ratio_k). KL costs (token heads, Fisher form) add up, so
+their unit is 1.
+
 Scales only grow: a layer found worse than its proxy stays penalized after the allocation backs off from it,
 rather than being cut again in the next round; a layer the proxy overestimates keeps its raw costs. Measured
 with the same quantizer the sensitivities were (the plan's fake-quant layer with RTN at the planned bits,
@@ -111,7 +119,8 @@ def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: lis
         truth = layer_deviations(policy, steps, form, bits, a_bits, step_w, transforms)
         pred = predicted(raw, {n: bits[n] for n in truth})
         ratio = {n: truth[n] / pred[n] for n in truth if pred[n] > 0}
-        history.append({"round": r, "final": r == rounds, "truth": truth, "predicted": pred,
+        unit = float(np.median(list(ratio.values()))) if form == "action" and ratio else 1.0
+        history.append({"round": r, "final": r == rounds, "truth": truth, "predicted": pred, "unit": unit,
                         "pruned": {n: int((bits[n] == 0).sum()) for n in truth}})
         if log:
             worst = sorted(ratio, key=ratio.get, reverse=True)[:3]
@@ -121,7 +130,7 @@ def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: lis
         if r == rounds:
             break
         for n, q in ratio.items():
-            scale[n] = max(scale[n], q)
+            scale[n] = max(scale[n], q / unit)
         current = scaled(sens, scale)
     current.meta["layer_calibration"] = {"rounds": rounds, "table": table, "history": history}
     return current
