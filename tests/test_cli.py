@@ -107,3 +107,8 @@ def test_demos_refuse_bad_count_and_non_empty_out(capsys, tmp_path):
     (tmp_path / "d" / "keep").write_text("x")
     run_refused(capsys, ["demos", "--per-task", "1", "--out", str(tmp_path / "d")], "is not empty")
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["keep"]
+
+
+def test_demos_needs_one_mode(capsys, tmp_path):
+    run_refused(capsys, ["demos"], "needs --per-task and --out")
+    run_refused(capsys, ["demos", "--add-state", str(tmp_path), "--out", str(tmp_path / "x")], "drop --out")

@@ -122,5 +122,5 @@ def test_add_states_refuses_actions_that_leave_the_recorded_trajectory(demo_dir,
         arrays = {k: z[k] for k in z.files}
     arrays["actions"][5:] = -arrays["actions"][5:]
     np.savez(f, **arrays)
-    with pytest.raises(RuntimeError, match="left the recorded hand trajectory"):
+    with pytest.raises(ValueError, match="left the recorded hand trajectory"):
         add_states(old)

@@ -111,23 +111,29 @@ def test_aux_state_loss_trains_a_head_that_is_not_shipped(tmp_path, demo_dir):
 
 
 def test_aux_state_head_reads_the_action_positions(demo_dir):
+    """The head sees exactly the decoder outputs the actions are read from: the K query outputs (chunk), or
+    the last prefix position, which predicts the first action token (token: no teacher-forced action seen)."""
     from qvla.policies import build_policy
 
     for name in sorted(POLICIES):
         policy = build_policy(name)
         model, c = policy.model, policy.config
         store: dict = {}
-        model.llm.register_forward_hook(train_mod.action_positions_output(model, store))
+        hook = model.llm.register_forward_hook(train_mod.action_positions_output(model, store))
         data = train_mod.DemoTensors(demo_dir, c.cameras, c.chunk, lambda s: policy.tokenizer.encode(s, c.text_len),
                                      state=True)
         idx = torch.arange(3)
-        batch = {"images": data.images[idx], "text": data.text[idx], "proprio": data.proprio[idx],
-                 "actions": data.actions[idx]}
-        train_mod.loss_fn(model, batch)
-        n = c.chunk * (1 if c.head == "chunk" else c.action_dim)  # K queries, or K*A action tokens
-        assert store["hidden"].shape == (3, n, c.llm_dim)
+        with torch.no_grad():
+            if c.head == "chunk":
+                pred = model.forward_chunk(data.images[idx], data.text[idx], data.proprio[idx])
+                torch.testing.assert_close(model.action_head(store["hidden"]), pred)
+            else:
+                ids = model.action_token_ids(data.actions[idx].flatten(1))
+                logits = model.forward_token_logits(data.images[idx], data.text[idx], data.proprio[idx], ids)
+                assert store["hidden"].shape[1] == 1
+                torch.testing.assert_close(model.lm_head(store["hidden"])[..., c.text_vocab:], logits[:, :1])
+        hook.remove()
         assert data.state.shape == (len(data), 12)
-        np.testing.assert_allclose(data.state[:, 9:], data.state[:, 3:6] - data.state[:, :3], atol=1e-6)
 
 
 def test_aux_state_needs_demo_states(tmp_path, demo_dir):

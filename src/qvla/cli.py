@@ -14,6 +14,9 @@ def _demos(a: argparse.Namespace) -> None:
     from qvla.envs import get_suite
 
     if a.add_state:
+        given = [f for f in ("per_task", "out") if getattr(a, f) is not None]
+        if given:
+            raise ValueError(f"--add-state works on an existing directory; drop {', '.join('--' + f.replace('_', '-') for f in given)}")
         n = add_states(a.add_state, workers=a.workers)
         print(f"added states to {n} episodes of {a.add_state}")
         return

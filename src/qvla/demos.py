@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,17 +69,18 @@ def record_expert(env, spec: EpisodeSpec) -> tuple[Episode, bool]:
 
 
 def replay_states(env, spec: EpisodeSpec, episode: Episode) -> np.ndarray:
-    """The privileged state before each stored action, by replaying the actions (no rendering). Fails if
+    """The privileged state before each stored action, by replaying the actions (nothing is rendered, though
+    the env still opens its renderer). Fails if
     the replay leaves the recorded trajectory or does not end in success."""
     env.reset(spec)
     states, success = [], False
     for t, action in enumerate(episode.actions):
         states.append(state_vector(env))
         if not np.allclose(states[-1][:3], episode.proprio[t, :3], atol=1e-5):
-            raise RuntimeError(f"{spec.id}: replay left the recorded hand trajectory at step {t}")
+            raise ValueError(f"{spec.id}: replay left the recorded hand trajectory at step {t}")
         success = env.step(action)
     if not success:
-        raise RuntimeError(f"{spec.id}: replaying the recorded actions did not succeed")
+        raise ValueError(f"{spec.id}: replaying the recorded actions did not succeed")
     return np.stack(states)
 
 
@@ -177,11 +180,15 @@ def add_states(path: str | Path, workers: int = 1) -> int:
         with np.load(path / e["file"], allow_pickle=False) as z:
             if "state" not in z.files:
                 todo.append((str(path), e, specs[e["id"]]))
+    if not todo:
+        return 0
     with mp.get_context("spawn").Pool(workers, _init_worker, (manifest["suite"], manifest["image_size"])) as pool:
         for file, states in tqdm(pool.imap(_replay, todo), total=len(todo), desc="states", unit="ep"):
             with np.load(path / file, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-            tmp = path / (file + ".tmp.npz")
-            np.savez(tmp, **arrays, state=states)
-            tmp.replace(path / file)
+            fd, tmp = tempfile.mkstemp(suffix=".npz", dir=(path / file).parent)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays, state=states)
+                f.flush(), os.fsync(f.fileno())
+            Path(tmp).replace(path / file)
     return len(todo)

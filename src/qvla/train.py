@@ -25,6 +25,7 @@ from qvla.policies.microvla.model import count_params, init_weights
 
 log = logging.getLogger(__name__)
 STATE = "train_state.safetensors"
+AUX = "aux_state_head."  # key prefix of the auxiliary head in the resume weights
 
 
 @dataclass
@@ -89,8 +90,9 @@ def aux_targets(state: np.ndarray) -> np.ndarray:
 
 
 class AuxStateHead(torch.nn.Module):
-    """Training-only head: reads the decoder's outputs at the action positions (mean) and predicts the
-    standardized privileged state; it is not part of the policy and is not saved in the checkpoint."""
+    """Training-only head: reads the decoder's outputs where actions are read (see action_positions_output;
+    their mean) and predicts the standardized privileged state; it is not part of the policy and is not
+    saved in the checkpoint."""
 
     def __init__(self, dim: int, targets: torch.Tensor) -> None:
         super().__init__()
@@ -103,11 +105,15 @@ class AuxStateHead(torch.nn.Module):
 
 
 def action_positions_output(model, store: dict):
-    """Forward hook on the decoder: keeps its outputs at the positions that predict actions."""
-    n = model.config.chunk * (1 if model.config.head == "chunk" else model.config.action_dim)
+    """Forward hook on the decoder: keeps its outputs at the positions the actions are read from, where
+    nothing of the target action is visible: the K action queries (chunk head), or the last prefix position,
+    which predicts the first action token (token head; the later positions see teacher-forced actions)."""
+    c = model.config
+    n = c.chunk * (1 if c.head == "chunk" else c.action_dim)  # action positions at the end of the sequence
+    keep = n if c.head == "chunk" else 1
 
     def hook(module, args, output):
-        store["hidden"] = output[0][:, -n:]
+        store["hidden"] = output[0][:, -n:][:, :keep]
     return hook
 
 
@@ -171,8 +177,9 @@ def train(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> Path:
     trained = torch.nn.ModuleDict({"policy": model})  # + the training-only auxiliary head
     store: dict = {}
     if cfg.aux_state > 0:
-        torch.manual_seed(cfg.seed)
-        trained["aux"] = AuxStateHead(mc.llm_dim, data.state)
+        with torch.random.fork_rng():  # the head's init is seeded; the process-wide RNG is left as it was
+            torch.manual_seed(cfg.seed)
+            trained["aux"] = AuxStateHead(mc.llm_dim, data.state)
         hook = model.llm.register_forward_hook(action_positions_output(model, store))
     decay = [p for n, p in trained.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in trained.named_parameters() if p.ndim < 2]
@@ -182,9 +189,12 @@ def train(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> Path:
     state_file = out / "resume" / STATE
     if state_file.is_file():  # resume an interrupted run
         meta = json.loads((out / "resume" / "train_state.json").read_text())
-        if meta["train_config"] != asdict(cfg):
+        if {"aux_state": 0.0, **meta["train_config"]} != asdict(cfg):  # runs saved before aux_state existed
             raise ValueError(f"{out} holds a run with a different config {meta['train_config']}; use a new --out")
-        trained.load_state_dict(load_file(out / "resume" / WEIGHTS))
+        weights = load_file(out / "resume" / WEIGHTS)
+        model.load_state_dict({k: v for k, v in weights.items() if not k.startswith(AUX)})
+        if cfg.aux_state > 0:
+            trained["aux"].load_state_dict({k[len(AUX):]: v for k, v in weights.items() if k.startswith(AUX)})
         _restore_optimizer(opt, load_file(state_file))
         start = meta["step"]
         log.info("resuming %s at step %d", out, start)
@@ -225,10 +235,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _save_resume(out: Path, model, opt, cfg: TrainConfig, step: int) -> None:
+def _save_resume(out: Path, trained: torch.nn.ModuleDict, opt, cfg: TrainConfig, step: int) -> None:
+    """The policy's weights as a checkpoint has them, the auxiliary head's (if any) under AUX, the optimizer."""
     d = out / "resume"
     d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, d / (WEIGHTS + ".tmp"))
+    weights = dict(trained["policy"].state_dict())
+    if "aux" in trained:
+        weights.update({AUX + k: v for k, v in trained["aux"].state_dict().items()})
+    save_file({k: v.contiguous() for k, v in weights.items()}, d / (WEIGHTS + ".tmp"))
     save_file(_flat_optimizer(opt), d / (STATE + ".tmp"))
     (d / "train_state.json.tmp").write_text(json.dumps({"step": step, "train_config": asdict(cfg)}))
     for name in (WEIGHTS, STATE, "train_state.json"):  # rename last so a crash never leaves a torn state

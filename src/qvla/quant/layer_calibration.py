@@ -16,7 +16,7 @@ perturbation). So:
         costs[l] = scale_l * raw_cost[l]
     then allocate once more and measure that allocation (the plan's), without rescaling.
 
-Under the action distance (continuous heads) the sum of a layer's channel costs is an upper bound on its
+Under the action distance (form "action": continuous heads, or a token head's expected action) the sum of a layer's channel costs is an upper bound on its
 deviation (the triangle inequality: ||sum_c J_c dx_c|| <= sum_c ||J_c dx_c||), loose by how much the channels'
 action errors cancel: on the chunk policy every layer measures 0.1-0.7x its sum, so comparing with 1 would
 never rescale anything. There the unit is the median ratio over the measured layers (a common factor that
@@ -120,6 +120,7 @@ def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: lis
         pred = predicted(raw, {n: bits[n] for n in truth})
         ratio = {n: truth[n] / pred[n] for n in truth if pred[n] > 0}
         unit = float(np.median(list(ratio.values()))) if form == "action" and ratio else 1.0
+        unit = unit if unit > 0 else 1.0  # most layers measured no deviation at all: compare with 1
         history.append({"round": r, "final": r == rounds, "truth": truth, "predicted": pred, "unit": unit,
                         "pruned": {n: int((bits[n] == 0).sum()) for n in truth}})
         if log:
