@@ -54,6 +54,23 @@ def demo_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def strip_states():
+    """copy(src, dst): a copy of a demo directory as written before demos recorded states."""
+    import shutil
+
+    import numpy as np
+
+    def copy(src: Path, dst: Path) -> Path:
+        shutil.copytree(src, dst)
+        for f in (dst / "episodes").iterdir():
+            with np.load(f, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files if k != "state"}
+            np.savez(f, **arrays)
+        return dst
+    return copy
+
+
 def _save_random(name: str, out: Path, seed: int = 0) -> Path:
     from qvla.policies import build_policy
     from qvla.policies.microvla.model import init_weights

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -88,20 +87,10 @@ def test_parse_per_task():
         parse_per_task("40,reach", tasks)
 
 
-def _strip_states(src, dst) -> None:
-    """A copy of a demo directory as written before demos recorded states."""
-    shutil.copytree(src, dst)
-    for f in (dst / "episodes").iterdir():
-        with np.load(f, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if k != "state"}
-        np.savez(f, **arrays)
-
-
-def test_add_states_replays_the_recorded_states(demo_dir, tmp_path):
+def test_add_states_replays_the_recorded_states(demo_dir, tmp_path, strip_states):
     from qvla.demos import add_states
 
-    old = tmp_path / "old"
-    _strip_states(demo_dir, old)
+    old = strip_states(demo_dir, tmp_path / "old")
     assert all(ep.state is None for ep in read_demos(old)[1])
     assert add_states(old) == 2
     for a, b in zip(read_demos(old)[1], read_demos(demo_dir)[1]):
@@ -112,11 +101,10 @@ def test_add_states_replays_the_recorded_states(demo_dir, tmp_path):
         p.name for p in (demo_dir / "episodes").iterdir())  # no temporary file left behind
 
 
-def test_add_states_refuses_actions_that_leave_the_recorded_trajectory(demo_dir, tmp_path):
+def test_add_states_refuses_actions_that_leave_the_recorded_trajectory(demo_dir, tmp_path, strip_states):
     from qvla.demos import add_states
 
-    old = tmp_path / "old"
-    _strip_states(demo_dir, old)
+    old = strip_states(demo_dir, tmp_path / "old")
     f = sorted((old / "episodes").iterdir())[0]
     with np.load(f, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}

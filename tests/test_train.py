@@ -136,15 +136,8 @@ def test_aux_state_head_reads_the_action_positions(demo_dir):
         assert data.state.shape == (len(data), 12)
 
 
-def test_aux_state_needs_demo_states(tmp_path, demo_dir):
-    import shutil
-
-    old = tmp_path / "old"
-    shutil.copytree(demo_dir, old)
-    f = sorted((old / "episodes").iterdir())[0]
-    with np.load(f, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != "state"}
-    np.savez(f, **arrays)
+def test_aux_state_needs_demo_states(tmp_path, demo_dir, strip_states):
+    old = strip_states(demo_dir, tmp_path / "old")
     with pytest.raises(ValueError, match="qvla demos --add-state"):
         train(TrainConfig(policy="microvla-chunk", aux_state=1.0, **TINY), old, tmp_path / "run")
     assert not (tmp_path / "run").exists()

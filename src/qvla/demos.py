@@ -68,15 +68,15 @@ def record_expert(env, spec: EpisodeSpec) -> tuple[Episode, bool]:
                    np.clip(np.stack(actions), -1, 1).astype(np.float32), np.stack(states)), success
 
 
-def replay_states(env, spec: EpisodeSpec, episode: Episode) -> np.ndarray:
+def replay_states(env, spec: EpisodeSpec, actions: np.ndarray, proprio: np.ndarray) -> np.ndarray:
     """The privileged state before each stored action, by replaying the actions (nothing is rendered, though
-    the env still opens its renderer). Fails if
-    the replay leaves the recorded trajectory or does not end in success."""
+    the env still opens its renderer). Fails if the replay leaves the recorded hand trajectory (`proprio`)
+    or does not end in success."""
     env.reset(spec)
     states, success = [], False
-    for t, action in enumerate(episode.actions):
+    for t, action in enumerate(actions):
         states.append(state_vector(env))
-        if not np.allclose(states[-1][:3], episode.proprio[t, :3], atol=1e-5):
+        if not np.allclose(states[-1][:3], proprio[t, :3], atol=1e-5):
             raise ValueError(f"{spec.id}: replay left the recorded hand trajectory at step {t}")
         success = env.step(action)
     if not success:
@@ -165,7 +165,9 @@ def read_demos(path: str | Path) -> tuple[dict, list[Episode]]:
 
 def _replay(args: tuple[str, dict, EpisodeSpec]) -> tuple[str, np.ndarray]:
     path, entry, spec = args
-    return entry["file"], replay_states(_worker_env, spec, read_episode(path, entry))
+    with np.load(Path(path) / entry["file"], allow_pickle=False) as z:  # the images are not needed
+        actions, proprio = z["actions"], z["proprio"]
+    return entry["file"], replay_states(_worker_env, spec, actions, proprio)
 
 
 def add_states(path: str | Path, workers: int = 1) -> int:
