@@ -95,9 +95,10 @@ def test_train_refuses_a_non_demo_directory(capsys, tmp_path):
 def test_train_writes_a_loadable_checkpoint(capsys, tmp_path, demo_dir):
     out = tmp_path / "o"
     assert main(["train", "--policy", "microvla-token", "--data", str(demo_dir), "--out", str(out),
-                 "--steps", "2", "--batch-size", "2", "--threads", "1"]) == 0
+                 "--steps", "2", "--batch-size", "2", "--threads", "1", "--shift", "2"]) == 0
     assert f"trained microvla-token -> {out}" in capsys.readouterr().out
     assert load_policy(out).name == "microvla-token"
+    assert json.loads((out / "config.json").read_text())["training"]["shift"] == 2
 
 
 def test_demos_refuse_bad_count_and_non_empty_out(capsys, tmp_path):

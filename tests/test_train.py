@@ -76,9 +76,10 @@ def test_resume_with_another_config_is_refused(tmp_path, demo_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("bad, error", [(dict(policy="nope"), KeyError), (dict(steps=0), ValueError),
-                                        (dict(batch_size=0), ValueError), (dict(save_every=0), ValueError)])
+                                        (dict(batch_size=0), ValueError), (dict(save_every=0), ValueError),
+                                        (dict(shift=-1), ValueError)])
 def test_config_validation(bad, error):
-    with pytest.raises(error, match="registered policies|must be >= 1"):
+    with pytest.raises(error, match="registered policies|must be >= 1|must be >= 0 pixels"):
         TrainConfig(**bad)
 
 

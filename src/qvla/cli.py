@@ -32,7 +32,7 @@ def _train(a: argparse.Namespace) -> None:
     from qvla.train import TrainConfig, train
 
     cfg = TrainConfig(policy=a.policy, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                      threads=a.threads, save_every=a.save_every, aux_state=a.aux_state)
+                      threads=a.threads, save_every=a.save_every, aux_state=a.aux_state, shift=a.shift)
     out = train(cfg, a.data, a.out)
     print(f"trained {a.policy} -> {out}")
 
@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--save-every", type=int, default=500)
+    t.add_argument("--shift", type=int, default=6,
+                   help="random-shift augmentation in pixels, each camera image on its own (0: off)")
     t.add_argument("--aux-state", type=float, default=0.0,
                    help="weight of the training-only loss predicting hand/object/goal positions (0: off)")
     t.set_defaults(func=_train)

@@ -48,6 +48,8 @@ class TrainConfig:
         for f in ("steps", "batch_size", "threads", "save_every"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.shift < 0:
+            raise ValueError(f"shift must be >= 0 pixels, got {self.shift}")
         if self.aux_state < 0:
             raise ValueError(f"aux_state must be >= 0, got {self.aux_state}")
 
