@@ -47,7 +47,8 @@ def test_write_table_reads_every_row(tmp_path):
     t = write_table("p", tmp_path / "fp.json", rows, tmp_path, 2)
     assert t["rows"][0]["delta"] == pytest.approx(-0.25) and t["rows"][0]["pairs"] == 4
     md = (tmp_path / "table.md").read_text()
-    assert "| W4A16 | rtn | 50 | 50 | 50 | -25.0 ±" in md and "1.00 | 1.50 |" in md
+    assert "| W4A16 | rtn | 50 | 50 | 50.0 | -25.0 ±" in md and "1.00 | 1.50 |" in md
+    assert "| FP | — | 50 | 100 | 75.0 | — |" in md  # the average keeps its half points
     assert json.loads((tmp_path / "table.json").read_text())["rows"][0]["method"] == "rtn"
 
 
