@@ -214,3 +214,14 @@ def test_layer_calibrated_plan_records_its_scales_and_the_plans_own_deviations(c
     history = meta["layer_calibration"]["history"]
     assert [h["final"] for h in history] == [False, False, False, True]
     assert history[-1]["pruned"] == {n: int((plan.bits[n] == 0).sum()) for n in history[-1]["pruned"]}
+
+
+def test_a_manifest_without_its_observations_is_refused_with_the_command_that_rebuilds_them(tmp_path):
+    """Calibration manifests are kept in git and their observation files are not: a fresh clone has the first."""
+    manifest = {"format": qvla.calibrate.FORMAT, "suite": "mt10", "seed": 0, "policy": "microvla-chunk",
+                "episodes": [{"file": "episodes/0000.npz", "id": "x", "task": "reach", "instruction": "i",
+                              "calls": 1, "success": True}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="lacks 1 of its 1 observation files .*qvla calibrate --policy "
+                                                "microvla-chunk --episodes 1"):
+        load_calibration(tmp_path, "mt10")

@@ -69,3 +69,24 @@ def test_run_table_refuses_rows_made_from_other_weights(tmp_path):
     (tmp_path / "calib" / "manifest.json").write_text("{}")
     with pytest.raises(ValueError, match="made from policy weights 000000000000.*use a new --out"):
         run_table("microvla-chunk", ["W4A16"], ["rtn"], 1, tmp_path)
+
+
+def test_run_table_refuses_an_evaluation_of_another_checkpoint(tmp_path):
+    """A kept row evaluation (results are kept in git, checkpoints are rebuilt) must be of the checkpoint now
+    in the row's directory, or a stale result would be reused silently."""
+    from qvla.checkpoint import WEIGHTS, sha256
+    from qvla.policies import resolve
+
+    source = sha256(resolve("microvla-chunk") / WEIGHTS)
+    write_eval(tmp_path / "fp.json", {"e0": True})
+    (tmp_path / "fp.json").write_text(json.dumps({**json.loads((tmp_path / "fp.json").read_text()),
+                                                  "weights_sha256": source}))
+    ckpt = tmp_path / "ckpt" / "w4a16-rtn"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text(json.dumps({"quantization": {"source_weights_sha256": source}}))
+    (ckpt / WEIGHTS).write_bytes(b"rebuilt")
+    write_eval(tmp_path / "eval-w4a16-rtn.json", {"e0": True})
+    ev = json.loads((tmp_path / "eval-w4a16-rtn.json").read_text())
+    (tmp_path / "eval-w4a16-rtn.json").write_text(json.dumps({**ev, "weights_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="eval-w4a16-rtn.json was made from policy weights 000000000000"):
+        run_table("microvla-chunk", ["W4A16"], ["rtn"], 1, tmp_path, calib=tmp_path / "calib")

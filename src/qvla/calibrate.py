@@ -67,6 +67,12 @@ def load_calibration(path: str | Path, suite: str | None = None) -> tuple[dict, 
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if suite is not None and manifest["suite"] != suite:
         raise ValueError(f"calibration data in {path} is from suite {manifest['suite']!r}, not {suite!r}")
+    missing = [e["file"] for e in manifest["episodes"] if not (path / e["file"]).is_file()]
+    if missing:  # the manifest is kept in git, the observations are not: regenerate them (deterministic)
+        raise FileNotFoundError(f"{path} lacks {len(missing)} of its {len(manifest['episodes'])} observation files "
+                                f"(e.g. {missing[0]}); regenerate them with 'qvla calibrate --policy "
+                                f"{manifest['policy']} --episodes {len(manifest['episodes'])} --out {path}' "
+                                f"into an empty directory")
     observations = []
     for e in manifest["episodes"]:
         with np.load(path / e["file"], allow_pickle=False) as z:

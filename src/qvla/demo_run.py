@@ -27,7 +27,8 @@ def compact_table(fp_summary: Path, out: Path, calib_episodes: int, episodes_per
     (real kernels), bench memory and speed; returns the table's markdown."""
     from qvla.table import run_table
 
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # a demo's table is made anew from the shipped policies every run
+    out.mkdir(parents=True)
     for suffix in (".json", ".jsonl"):  # the FP run above is the table's FP row: same episodes, not rerun
         shutil.copyfile(fp_summary.with_suffix(suffix), (out / "fp").with_suffix(suffix))
     for settings, methods in COMPACT:

@@ -87,7 +87,9 @@ def run_table(policy: str, settings: list[str], methods: list[str], episodes_per
                 check_source(made_from, source, ckpt)
             else:
                 quantize(policy, QuantConfig(method=method, w_bits=w, a_bits=a, form=form), calib, ckpt)
-            if not _done(ev):
+            if _done(ev):  # an evaluation kept from an earlier run must be of this very checkpoint
+                check_source(json.loads(ev.read_text()).get("weights_sha256"), sha256(ckpt / WEIGHTS), ev)
+            else:
                 evaluate(str(ckpt), "mt10", episodes_per_task, seed, workers, ev)
             if not bj.is_file():
                 run_bench(str(ckpt), bj, runs=bench_runs)
