@@ -27,13 +27,13 @@ def test_paired_delta_ignores_errored_episodes_and_pairs_by_id():
     assert n == 3 and m == pytest.approx(0.0) and hw > 0
 
 
-def write_eval(path, successes: dict[str, bool], tasks=("reach", "push")):
+def write_eval(path, successes: dict[str, bool], tasks=("reach", "push"), weights_sha256: str | None = None):
     recs = [{"id": i, "task": tasks[k % len(tasks)], "success": s, "error": None} for k, (i, s) in enumerate(successes.items())]
     path.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     per_task = {t: sum(r["success"] for r in recs if r["task"] == t) / max(1, sum(r["task"] == t for r in recs))
                 for t in tasks}
     path.write_text(json.dumps({"success_rate": sum(successes.values()) / len(successes), "per_task": per_task,
-                                "errors": []}))
+                                "errors": [], **({"weights_sha256": weights_sha256} if weights_sha256 else {})}))
 
 
 def test_write_table_reads_every_row(tmp_path):
@@ -62,9 +62,7 @@ def test_run_table_refuses_unknown_methods_and_bad_settings(tmp_path):
 
 def test_run_table_refuses_rows_made_from_other_weights(tmp_path):
     """A resumed table never pairs the current policy with an FP run of different weights."""
-    write_eval(tmp_path / "fp.json", {"e0": True})
-    fp = json.loads((tmp_path / "fp.json").read_text())
-    (tmp_path / "fp.json").write_text(json.dumps({**fp, "weights_sha256": "0" * 64}))
+    write_eval(tmp_path / "fp.json", {"e0": True}, weights_sha256="0" * 64)
     (tmp_path / "calib").mkdir()
     (tmp_path / "calib" / "manifest.json").write_text("{}")
     with pytest.raises(ValueError, match="made from policy weights 000000000000.*use a new --out"):
@@ -78,15 +76,11 @@ def test_run_table_refuses_an_evaluation_of_another_checkpoint(tmp_path):
     from qvla.policies import resolve
 
     source = sha256(resolve("microvla-chunk") / WEIGHTS)
-    write_eval(tmp_path / "fp.json", {"e0": True})
-    (tmp_path / "fp.json").write_text(json.dumps({**json.loads((tmp_path / "fp.json").read_text()),
-                                                  "weights_sha256": source}))
+    write_eval(tmp_path / "fp.json", {"e0": True}, weights_sha256=source)
     ckpt = tmp_path / "ckpt" / "w4a16-rtn"
     ckpt.mkdir(parents=True)
     (ckpt / "config.json").write_text(json.dumps({"quantization": {"source_weights_sha256": source}}))
     (ckpt / WEIGHTS).write_bytes(b"rebuilt")
-    write_eval(tmp_path / "eval-w4a16-rtn.json", {"e0": True})
-    ev = json.loads((tmp_path / "eval-w4a16-rtn.json").read_text())
-    (tmp_path / "eval-w4a16-rtn.json").write_text(json.dumps({**ev, "weights_sha256": "0" * 64}))
+    write_eval(tmp_path / "eval-w4a16-rtn.json", {"e0": True}, weights_sha256="0" * 64)
     with pytest.raises(ValueError, match="eval-w4a16-rtn.json was made from policy weights 000000000000"):
         run_table("microvla-chunk", ["W4A16"], ["rtn"], 1, tmp_path, calib=tmp_path / "calib")
