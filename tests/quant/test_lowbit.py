@@ -1,5 +1,5 @@
-"""qvla's 2/4-bit CPU kernel: its block layout, its integer products at every token count and activation
-width, its threads, the bytes it holds, and the fallback to torch's int4 kernel."""
+"""qvla's 2/4/8-bit CPU kernel: its block layout, its integer products at every token count and activation
+width, its threads, the bytes it holds, which 8-bit buckets it takes, and the fallback to torch's int4 kernel."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvla.quant import lowbit
-from qvla.quant.kernels import Int4Kernel, LowBitKernel, build_kernel
+from qvla.quant.kernels import SMALL_INT8_WEIGHTS, Int4Kernel, Int8Kernel, LowBitKernel, build_kernel
+
+
+def random_codes(bits: int, n: int, k: int, g: torch.Generator):
+    """-> (codes, scale, zero) of a random bucket as qvla stores it: 8 bits signed in [-127, 127] with
+    zero 0, 4 and 2 bits unsigned with a zero point."""
+    scale = torch.rand(n, generator=g) + 0.05
+    if bits == 8:
+        return torch.randint(-127, 128, (n, k), generator=g), scale, torch.zeros(n)
+    return torch.randint(0, 2**bits, (n, k), generator=g), scale, torch.randint(0, 2**bits, (n,), generator=g).float()
 
 
 def test_the_kernel_builds_wherever_the_cpu_supports_it():
@@ -40,13 +49,12 @@ def test_block_pack_refuses_a_ragged_row():
 
 
 @needs_kernel
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("n, k", [(5, 33), (17, 64), (64, 300), (600, 64), (300, 1024)])  # last: 3 row blocks
 @pytest.mark.parametrize("tokens", [1, 2, 3, 9, 17, 276])
 def test_kernel_computes_the_dequantized_product(bits, n, k, tokens):
     g = torch.Generator().manual_seed(n * k + tokens)
-    codes = torch.randint(0, 2**bits, (n, k), generator=g)
-    scale, zero = torch.rand(n, generator=g) + 0.05, torch.randint(0, 2**bits, (n,), generator=g).float()
+    codes, scale, zero = random_codes(bits, n, k, g)
     x = torch.randn(tokens, k, generator=g)
     ref = x @ ((codes.float() - zero[:, None]) * scale[:, None]).t()
     out = LowBitKernel(codes, scale, zero, bits)(x)
@@ -72,10 +80,48 @@ def test_kernel_integer_sums_do_not_overflow_at_the_extremes(bits, sign):
 
 
 @needs_kernel
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_8bit_products_do_not_saturate_at_the_extremes(sign):
+    """8-bit products are formed as |q| * (code * sign q): with codes and activations at +-127 a product
+    pair is 2 * 127 * 127, just below the int16 limit, and must come out exact over a long K."""
+    n, k = 3, 4096 + 32
+    codes = torch.full((n, k), 127)
+    codes[1] = -127
+    codes[2, ::2] = -127  # alternating extremes
+    x = torch.full((2, k), sign)
+    x[1, ::3] = -sign
+    ref = x.double() @ codes.double().t()
+    out = LowBitKernel(codes, torch.ones(n), torch.zeros(n), 8)(x)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-2)
+
+
+@needs_kernel
+def test_build_kernel_takes_small_8bit_buckets_onto_qvlas_kernel():
+    """Small 8-bit buckets (fbgemm's fixed cost per call would dominate) run on qvla's kernel; large
+    ones, and codes at -128 (outside qvla's symmetric grid, which the kernel's sign trick needs), on
+    fbgemm's."""
+    from qvla.quant.storage import to_storage
+
+    def kernel_for(codes):
+        n, k = codes.shape
+        return build_kernel(8, to_storage(codes, torch.ones(n), torch.zeros(n), torch.full((n,), 8),
+                                          torch.zeros(0, k)), k)
+
+    assert isinstance(kernel_for(torch.randint(-127, 128, (384, 128))), LowBitKernel)
+    big = SMALL_INT8_WEIGHTS // 1024 + 1
+    assert isinstance(kernel_for(torch.zeros(big, 1024, dtype=torch.long)), Int8Kernel)
+    edge = torch.zeros(4, 64, dtype=torch.long)
+    edge[0, 0] = -128
+    assert isinstance(kernel_for(edge), Int8Kernel)
+
+
+@needs_kernel
 def test_kernel_holds_its_own_bit_width():
     k2 = LowBitKernel(torch.zeros(16, 256, dtype=torch.uint8), torch.ones(16), torch.zeros(16), 2)
     k4 = LowBitKernel(torch.zeros(16, 256, dtype=torch.uint8), torch.ones(16), torch.zeros(16), 4)
+    k8 = LowBitKernel(torch.zeros(16, 256, dtype=torch.long), torch.ones(16), torch.zeros(16), 8)
     assert k2.nbytes == 16 * 64 + 16 * 8 and k4.nbytes == 16 * 128 + 16 * 8  # codes + fp32 scale, zero
+    assert k8.nbytes == 16 * 256 + 16 * 8
 
 
 @needs_kernel
@@ -109,14 +155,13 @@ def test_kernel_runs_on_torchs_threads():
 
 
 @needs_kernel
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_kernel_gives_the_same_result_on_any_number_of_threads(bits):
     """The rows are split across threads (the extension is built with OpenMP): each output is computed by
     one thread in one order, so the thread count must not change a single bit."""
     g = torch.Generator().manual_seed(bits)
     n, k = 1000, 512
-    kern = LowBitKernel(torch.randint(0, 2**bits, (n, k), generator=g), torch.rand(n, generator=g) + 0.05,
-                        torch.full((n,), 1.0), bits)
+    kern = LowBitKernel(*random_codes(bits, n, k, g), bits)
     x = torch.randn(40, k, generator=g)  # > 16 tokens: the rounding of tokens is split across threads too
     before = torch.get_num_threads()
     try:
@@ -149,7 +194,7 @@ def test_kernel_rounds_activations_in_two_int8_passes():
 
 
 @needs_kernel
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("a_bits", [4, 8])
 @pytest.mark.parametrize("tokens", [1, 3, 7, 40])
 def test_kernel_rounds_activations_on_the_plans_grid(bits, a_bits, tokens):
@@ -159,8 +204,7 @@ def test_kernel_rounds_activations_on_the_plans_grid(bits, a_bits, tokens):
 
     g = torch.Generator().manual_seed(bits * a_bits + tokens)
     n, k = 70, 512
-    codes = torch.randint(0, 2**bits, (n, k), generator=g)
-    scale, zero = torch.rand(n, generator=g) + 0.05, torch.randint(0, 2**bits, (n,), generator=g).float()
+    codes, scale, zero = random_codes(bits, n, k, g)
     x = torch.randn(tokens, k, generator=g) * torch.rand(1, k, generator=g) * 3
     w = (codes.double() - zero[:, None].double()) * scale[:, None].double()
     ref = fake_quant_activation(x.double(), a_bits) @ w.t()

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvla.quant.apply import QuantConv2d, QuantLinear, weight_nbytes
+from qvla.quant import lowbit
 from qvla.quant.kernels import HalfKernel, Int4Kernel, Int8Kernel
 from qvla.quant.packed import PackedConv2d, PackedLinear, conv_params, packed_layer
 from qvla.quant.packing import pack, packed_width, unpack
@@ -93,6 +94,27 @@ def test_real_kernels_match_the_fake_quant_layer(n, k, a_bits, tokens):
     assert sqnr_db(ref, out) > min_db
     pruned = bits == 0
     assert torch.allclose(out[..., pruned], mod.bias[pruned].expand_as(out[..., pruned]))
+
+
+@pytest.mark.skipif(not lowbit.available(), reason="no AVX2/FMA on this CPU")
+@pytest.mark.parametrize("a_bits", [8, 4])
+def test_integer_only_layer_leaves_the_rounding_to_its_kernels(a_bits):
+    """A layer of 8/4/2-bit and pruned rows at A8/A4 hands its activations to qvla's kernel unrounded (the
+    kernel rounds each token on the plan's grid): its output is still the simulated layer's up to float
+    sums. With 16-bit rows, or with activation clipping, the layer rounds first."""
+    g = torch.Generator().manual_seed(a_bits)
+    mod = nn.Linear(96, 40)
+    bits = torch.tensor([8, 4, 2, 0])[torch.randint(0, 4, (40,), generator=g)]
+    sim = QuantLinear.from_linear(mod, bits, a_bits)
+    real = PackedLinear(sim.storage(), mod.weight.shape, mod.bias, a_bits)
+    assert real.kernels_round
+    x = torch.randn(5, 96, generator=g) * torch.rand(1, 96, generator=g) * 3
+    with torch.no_grad():
+        ref, out = sim(x), real(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    with_fp = PackedLinear(QuantLinear.from_linear(mod, torch.where(bits == 0, 16, bits), a_bits).storage(),
+                           mod.weight.shape, mod.bias, a_bits)
+    assert not with_fp.kernels_round
 
 
 @pytest.mark.parametrize("n, k", [(16, 128), (5, 40)])

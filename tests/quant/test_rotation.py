@@ -18,7 +18,7 @@ from qvla.quant.storage import validate_storage
 from tests.quant.test_baselines import layer_and_inputs, out_err
 
 
-@pytest.mark.parametrize("k, block", [(4, 4), (128, 128), (384, 128), (6, 2), (7, 1)])
+@pytest.mark.parametrize("k, block", [(4, 4), (128, 128), (384, 128), (6, 2), (7, 1), (1024, 1024)])
 def test_hadamard_is_orthogonal_and_the_rotated_layer_is_exact(k, block):
     assert block_size(k) == block
     h = fwht(torch.eye(k))
@@ -26,6 +26,19 @@ def test_hadamard_is_orthogonal_and_the_rotated_layer_is_exact(k, block):
     s = random_signs(k, 3)
     w, x = torch.randn(5, k), torch.randn(9, k)
     assert torch.allclose(rotate_inputs(x, s) @ rotate_weight(w, s).T, x @ w.T, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [64, 384, 1024])
+def test_dense_and_butterfly_hadamard_agree(k, monkeypatch):
+    """Small blocks multiply with the dense matrix, large ones run the butterfly: the same transform."""
+    from qvla.quant import rotation
+
+    x = torch.randn(3, 2, k)
+    dense = fwht(x)
+    monkeypatch.setattr(rotation, "DENSE_BLOCK", 0)  # every block as butterflies
+    assert torch.allclose(dense, fwht(x), atol=1e-5)
+    monkeypatch.setattr(rotation, "DENSE_BLOCK", 1 << 20)  # every block dense
+    assert torch.allclose(dense, fwht(x), atol=1e-5)
 
 
 def test_rotation_spreads_an_outlier_channel_and_helps_w4a4():

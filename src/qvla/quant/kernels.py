@@ -5,7 +5,8 @@ reports the bytes it holds, and maps (M, K) float32 activations to (M, rows) flo
 
 | bucket  | kernel                                                  | held in memory        | activations |
 |---------|---------------------------------------------------------|-----------------------|-------------|
-| 8 bits  | fbgemm dynamic int8 GEMM (torch.ops.quantized)           | int8 + fp32 scale     | 7-bit per token (see Int8Kernel) |
+| 8 bits  | qvla's AVX2 kernel (lowbit.py) for buckets of up to SMALL_INT8_WEIGHTS weights | int8 + fp32 scale | the plan's grid (A8, A4); int8 x 2 passes (A16) |
+| 8 bits  | else fbgemm dynamic int8 GEMM (torch.ops.quantized)      | int8 + fp32 scale     | 7-bit per token (see Int8Kernel) |
 | 4, 2    | qvla's AVX2 low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | the plan's grid (A8, A4); int8 x 2 passes (A16) |
 | 4, 2    | else torch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu) | 4 bits + bf16 scale/zero per group | bf16 |
 | 16      | float GEMM on fp16-stored rows, upcast per call          | fp16                  | fp32 |
@@ -24,6 +25,11 @@ import torch.nn.functional as F
 from qvla.quant import lowbit
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel accepts
+# 8-bit buckets up to this many weights run on qvla's kernel, larger ones on fbgemm's. fbgemm costs a fixed
+# ~0.12 ms a call here (AMD EPYC, 2 threads), qvla's kernel 0.005 ms on a 384x128 bucket at one token, and
+# still less at 256 tokens; on a 4096x4096 layer the two tie at one token (both stream the int8 rows at
+# memory speed) and fbgemm is ~1.4x faster from 48 tokens (bench/lowbit_tokens.py).
+SMALL_INT8_WEIGHTS = 1 << 20
 
 
 def _ceil(n: int, m: int) -> int:
@@ -44,6 +50,7 @@ class Int8Kernel:
     """
 
     name = "fbgemm-int8"
+    rounds_input = False  # takes activations already rounded to the plan's grid
     LEVELS = 127  # steps between a token's min and max: 128 codes, the kernel's reduced range
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, passes: int = 1) -> None:
@@ -81,6 +88,7 @@ class Int4Kernel:
     """torch's CPU int4 weight-only GEMM; rows padded to 16, columns to 32, one scale per group."""
 
     name = "cpu-int4"
+    rounds_input = False  # takes activations already rounded to the plan's grid
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         n, k = codes.shape
@@ -116,14 +124,19 @@ class LowBitKernel:
     passes at A16 (the second carries the first one's residual: ~14-bit)."""
 
     name = "qvla-lowbit"
+    # at A8 / A4 the kernel rounds each token on the plan's grid itself (the same symmetric per-token
+    # rounding as primitives.fake_quant_activation), so the caller need not round it first
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                  a_bits: int = 16) -> None:
         self.ext, self.bits = lowbit.extension(), bits
         self.qmax, self.passes = (2 ** (a_bits - 1) - 1, 1) if a_bits <= 8 else (127, 2)
+        self.rounds_input = a_bits <= 8
         k = codes.shape[1]
         self.pad = _ceil(k, lowbit.block_codes(bits)) - k
-        self.packed = lowbit.block_pack(F.pad(codes.to(torch.uint8), (0, self.pad)), bits)
+        # 8-bit codes are signed (symmetric grid): the kernel reads their bytes as int8
+        codes = codes.to(torch.int8).view(torch.uint8) if bits == 8 else codes.to(torch.uint8)
+        self.packed = lowbit.block_pack(F.pad(codes, (0, self.pad)), bits)
         self.scale, self.zero = scale.float().contiguous(), zero.float().contiguous()
         self.nbytes = self.packed.numel() + 4 * (self.scale.numel() + self.zero.numel())
 
@@ -136,6 +149,7 @@ class HalfKernel:
     """Rows kept at 16 bits: stored fp16, upcast per call."""
 
     name = "fp16-rows"
+    rounds_input = False  # takes activations already rounded to the plan's grid
 
     def __init__(self, rows: torch.Tensor) -> None:
         self.w = rows.to(torch.float16).contiguous()
@@ -153,6 +167,10 @@ def build_kernel(bits: int, storage: dict[str, torch.Tensor], k: int, a_bits: in
         return HalfKernel(storage["w16"])
     codes, scale, zero = bucket_codes(storage, bits, k)
     if bits == 8:
+        # qvla's kernel forms |q| * (code * sign q), which needs codes in [-127, 127] (qvla's grid)
+        small = codes.numel() <= SMALL_INT8_WEIGHTS and (codes.numel() == 0 or int(codes.min()) >= -127)
+        if small and lowbit.available():
+            return LowBitKernel(codes, scale, zero, 8, a_bits)
         return Int8Kernel(codes, scale, passes=2 if a_bits >= 16 else 1)
     if lowbit.available():
         return LowBitKernel(codes, scale, zero, bits, a_bits)

@@ -46,6 +46,10 @@ class PackedLinear(nn.Module):
         self.buckets = [(torch.nonzero(bits == b).flatten(), build_kernel(b, storage, self.in_features, a_bits))
                         for b in BUCKET_ORDER if (bits == b).any()]
         self.pruned = int((bits == 0).sum())
+        # every kernel rounds its input on the plan's grid itself (and no clipping changes that grid): the
+        # rounding here would be done twice
+        self.kernels_round = a_bits < 16 and "a_clip" not in self.inp and all(
+            k.rounds_input for _, k in self.buckets)
         # one bucket holding every channel in order needs no scatter
         self.direct = len(self.buckets) == 1 and len(self.buckets[0][0]) == self.out_features
         if bias is not None and folded:
@@ -59,8 +63,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = fake_quant_activation(input_transform(x.reshape(-1, self.in_features).float(), self.inp), self.a_bits,
-                                   self.inp.get("a_clip"))
+        x2 = input_transform(x.reshape(-1, self.in_features).float(), self.inp)
+        if not self.kernels_round:
+            x2 = fake_quant_activation(x2, self.a_bits, self.inp.get("a_clip"))
         if self.direct:
             y = self.buckets[0][1](x2)
         elif self.folded:  # bucket order: the next layer's weights take the permutation

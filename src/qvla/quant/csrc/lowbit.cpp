@@ -1,6 +1,7 @@
-// Low-bit weight GEMM for x86 CPUs with AVX2: 4-bit and 2-bit weights stay packed in memory; tokens are
+// Low-bit weight GEMM for x86 CPUs with AVX2: 8-, 4- and 2-bit weights stay packed in memory; tokens are
 // multiplied with them in integers, 32 codes at a time (vpmaddubsw: unsigned codes x signed int8
-// activations), as the int8 GEMMs of fbgemm and llama.cpp do.
+// activations), as the int8 GEMMs of fbgemm and llama.cpp do. 8-bit rows are plain signed int8 (K padded
+// to 32); the layout below is that of 4 and 2 bits.
 //
 // Layout at 4 and 2 bits (made by qvla.quant.lowbit.block_pack): each row of K codes is cut into blocks
 // of 32 bytes (64 codes at 4 bits, 128 at 2 bits; K is padded to a whole block). Byte j of a block holds
@@ -39,6 +40,31 @@ constexpr int64_t codes_per_block() { return 256 / Bits; }
 // halves the work on the multiply port, which is what bounds a single token.
 template <int Bits>
 constexpr int64_t blocks_per_group() { return Bits == 4 ? 8 : 16; }
+
+// 8-bit rows are signed codes in [-127, 127], one per byte (w = code * scale, zero 0). vpmaddubsw takes
+// one unsigned operand, so each product is formed as |q| * (code * sign(q)): a lane is at most
+// 2 * 127 * 127 < 2^15, and it is widened to int32 at once.
+template <int TM>
+void dot_rows8(const int8_t* q, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t t0, int64_t r0,
+               int64_t r1) {
+  const int64_t blocks = k / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* p = packed + r * k;
+    __m256i acc[TM];
+    for (int t = 0; t < TM; ++t) acc[t] = _mm256_setzero_si256();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * 32));
+#pragma GCC unroll 4
+      for (int t = 0; t < TM; ++t) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (t0 + t) * k + b * 32));
+        const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(w, a));
+        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(prod, ones));
+      }
+    }
+    for (int t = 0; t < TM; ++t) d[(t0 + t) * n + r] = hsum_epi32(acc[t]);
+  }
+}
 
 // D[t, r] = code[r] . q[t] (int32) for TM tokens (rows of q, each K int8) sharing one pass over the rows.
 template <int Bits, int TM>
@@ -82,6 +108,15 @@ void dot_rows(const int8_t* q, int64_t k, const uint8_t* packed, int32_t* d, int
 // while it sits in cache: with many tokens the weights come from memory once, not once per 4 tokens.
 constexpr int64_t ROW_BLOCK_BYTES = 64 * 1024;
 
+template <int Bits, int TM>
+void dot_rows_of(const int8_t* q, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t t0, int64_t r0,
+                 int64_t r1) {
+  if constexpr (Bits == 8)
+    dot_rows8<TM>(q, k, packed, d, n, t0, r0, r1);
+  else
+    dot_rows<Bits, TM>(q, k, packed, d, n, t0, r0, r1);
+}
+
 template <int Bits>
 void dot_tokens(const int8_t* q, int64_t m, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t r0,
                 int64_t r1) {
@@ -89,10 +124,17 @@ void dot_tokens(const int8_t* q, int64_t m, int64_t k, const uint8_t* packed, in
   for (int64_t b0 = r0; b0 < r1; b0 += rows) {
     const int64_t b1 = std::min(r1, b0 + rows);
     int64_t t0 = 0;
-    for (; t0 + 4 <= m; t0 += 4) dot_rows<Bits, 4>(q, k, packed, d, n, t0, b0, b1);
-    if (m - t0 == 3) dot_rows<Bits, 3>(q, k, packed, d, n, t0, b0, b1);
-    if (m - t0 == 2) dot_rows<Bits, 2>(q, k, packed, d, n, t0, b0, b1);
-    if (m - t0 == 1) dot_rows<Bits, 1>(q, k, packed, d, n, t0, b0, b1);
+    for (; t0 + 4 <= m; t0 += 4) dot_rows_of<Bits, 4>(q, k, packed, d, n, t0, b0, b1);
+    if (m - t0 == 3) dot_rows_of<Bits, 3>(q, k, packed, d, n, t0, b0, b1);
+    if (m - t0 == 2) dot_rows_of<Bits, 2>(q, k, packed, d, n, t0, b0, b1);
+    if (m - t0 == 1) dot_rows_of<Bits, 1>(q, k, packed, d, n, t0, b0, b1);
+  }
+}
+
+void dequant_rows8(const uint8_t* packed, const float* scale, int64_t k, float* w_out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* p = reinterpret_cast<const int8_t*>(packed) + r * k;
+    for (int64_t j = 0; j < k; ++j) w_out[r * k + j] = static_cast<float>(p[j]) * scale[r];
   }
 }
 
@@ -167,8 +209,9 @@ float round_to_int8(float* r, int64_t k, float qmax, float floor, int8_t* q, int
 
 void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch::Tensor& zero, int64_t bits,
            int64_t k) {
-  TORCH_CHECK(bits == 2 || bits == 4, "lowbit: bits must be 2 or 4, got ", bits);
-  TORCH_CHECK(k % (256 / bits) == 0, "lowbit: K must be a multiple of ", 256 / bits, " at ", bits, " bits, got ", k);
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "lowbit: bits must be 2, 4 or 8, got ", bits);
+  const int64_t block = bits == 8 ? 32 : 256 / bits;
+  TORCH_CHECK(k % block == 0, "lowbit: K must be a multiple of ", block, " at ", bits, " bits, got ", k);
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(),
               "lowbit: packed must be a contiguous 2-D uint8 tensor");
   TORCH_CHECK(packed.size(1) == k * bits / 8, "lowbit: packed rows hold ", packed.size(1), " bytes, expected ",
@@ -212,7 +255,7 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
     }
   });
   auto d = torch::empty({passes * m, n}, x.options().dtype(torch::kInt32));
-  const auto fn = bits == 4 ? dot_tokens<4> : dot_tokens<2>;
+  const auto fn = bits == 8 ? dot_tokens<8> : bits == 4 ? dot_tokens<4> : dot_tokens<2>;
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
     fn(qp, passes * m, k, packed.data_ptr<uint8_t>(), d.data_ptr<int32_t>(), n, r0, r1);
   });
@@ -238,6 +281,10 @@ torch::Tensor lowbit_dequant(torch::Tensor packed, torch::Tensor scale, torch::T
   const int64_t n = packed.size(0);
   auto w = torch::empty({n, k}, scale.options());
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    if (bits == 8) {
+      dequant_rows8(packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), k, w.data_ptr<float>(), r0, r1);
+      return;
+    }
     auto fn = bits == 4 ? dequant_rows<4> : dequant_rows<2>;
     fn(packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(), k, w.data_ptr<float>(), r0,
        r1);
@@ -258,9 +305,9 @@ int64_t lowbit_threads_used() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("mm", &lowbit_mm, "x (M, K) fp32 . packed 2/4-bit rows (N, K) -> (M, N) fp32 (integer activations, 1-2 passes)",
+  m.def("mm", &lowbit_mm, "x (M, K) fp32 . packed 2/4/8-bit rows (N, K) -> (M, N) fp32 (integer activations, 1-2 passes)",
         py::arg("x"), py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("qmax") = 127,
         py::arg("passes") = 2);
-  m.def("dequant", &lowbit_dequant, "packed 2/4-bit rows -> fp32 (N, K)");
+  m.def("dequant", &lowbit_dequant, "packed 2/4/8-bit rows -> fp32 (N, K)");
   m.def("threads_used", &lowbit_threads_used, "threads the extension's parallel loops run on");
 }
