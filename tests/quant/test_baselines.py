@@ -124,6 +124,23 @@ def test_omniquant_training_beats_rtn_at_w4a4():
     assert out_err(lin, trained, x) < out_err(lin, rtn, x)
 
 
+@pytest.mark.parametrize("a_bits", [16, 4])
+def test_omniquant_training_at_mixed_bits_beats_plain_rounding(a_bits):
+    """qvla-omni trains OmniQuant's clipping and equivalent transform on a QVLA plan's mixed rows: the
+    layer it gives is closer to the float one than the plan's plain rounding, and weight-only rows kept
+    at 16 bits stay exact (the equivalent transform is exact in float)."""
+    lin, x = layer_and_inputs()
+    bits = torch.tensor([16, 8, 4, 4, 2, 0] * 4)
+    t = train_layer(x, lin.weight, lin.bias, bits, a_bits, steps=60)
+    trained = QuantLinear.from_linear(lin, bits, a_bits, t)
+    plain = QuantLinear.from_linear(lin, bits, a_bits)
+    assert out_err(lin, trained, x) < out_err(lin, plain, x)
+    if a_bits == 16:
+        with torch.no_grad():
+            kept = (trained(x) - lin(x))[:, bits == 16]
+        assert float(kept.pow(2).sum()) < 1e-8 * float(lin(x).pow(2).sum())
+
+
 BASELINES = [m for m, need in NEEDS.items() if need == "observations"]
 
 

@@ -92,13 +92,14 @@ METHODS["qvla-sq"] = _method("qvla_sq")
 METHODS["qvla-awq"] = _method("qvla_awq")
 METHODS["qvla-rot"] = _method("qvla_rot")
 METHODS["qvla-srot"] = _method("qvla_srot")
+METHODS["qvla-omni"] = _method("qvla_omni")
 METHODS["qvla-gptq"] = _method("qvla_gptq")
 METHODS["qvla-rot-gptq"] = _method("qvla_rot_gptq")
 # "transformed": sensitivities measured on the layers after the method's transforms_for(); the plan maker
 # then gets (sensitivity, transforms, observations)
 NEEDS: dict[str, str | None] = {"qvla": "sensitivity", "rtn": None, "smoothquant": "observations",
                                 "awq": "observations", "gptq": "observations", "omniquant": "observations",
-                                "quarot": None, "qvla-sq": "both", "qvla-awq": "both", "qvla-rot": "transformed",
+                                "quarot": None, "qvla-sq": "both", "qvla-awq": "both", "qvla-omni": "both", "qvla-rot": "transformed",
                                 "qvla-srot": "transformed", "qvla-gptq": "both", "qvla-rot-gptq": "transformed"}
 # what each "transformed" method's sensitivities are labelled (two methods with one label share the tables)
 TRANSFORMED: dict[str, str] = {"qvla-rot": "rotation", "qvla-srot": "smoothrot", "qvla-rot-gptq": "rotation"}

@@ -35,6 +35,16 @@ def lwc_qdq(w: torch.Tensor, bits: int, gamma: torch.Tensor, beta: torch.Tensor)
     return (torch.clamp(ste_round(w / scale[:, None]) + zero[:, None], 0, qmax) - zero[:, None]) * scale[:, None]
 
 
+def lwc_qdq_rows(w: torch.Tensor, bits: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """lwc_qdq with each row at its own width (a QVLA plan's rows): 16 stays exact, 0 is zero."""
+    out = w * (bits == 16).to(w.dtype)[:, None]
+    for b in (2, 4, 8):
+        rows = bits == b
+        if rows.any():
+            out = out + lwc_qdq(w, b, gamma, beta) * rows.to(w.dtype)[:, None]
+    return out
+
+
 def ste_act(x: torch.Tensor, bits: int) -> torch.Tensor:
     if bits >= 16:
         return x
@@ -43,11 +53,13 @@ def ste_act(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(ste_round(x / scale), -qmax, qmax) * scale
 
 
-def train_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bits: int, a_bits: int,
+def train_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bits: int | torch.Tensor, a_bits: int,
                 steps: int = 100, lr: float = 5e-3, batch: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
-    """-> transform {in_scale, in_shift, clip, clip_lo} for one Linear layer."""
+    """-> transform {in_scale, in_shift, clip, clip_lo} for one Linear layer; bits: one width for every row,
+    or (N,) per-row widths (a QVLA plan's)."""
     g = torch.Generator().manual_seed(seed)
     w = w.detach().float()
+    rows = torch.full((w.shape[0],), bits) if isinstance(bits, int) else bits.long()
     b = torch.zeros(w.shape[0]) if bias is None else bias.detach().float()
     log_s = smooth_scales(x.abs().amax(0), w, 0.5).log().requires_grad_()
     shift = ((x.amax(0) + x.amin(0)) / 2).clone().requires_grad_()
@@ -57,7 +69,7 @@ def train_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bit
     for _ in range(steps):
         xb = x[torch.randint(0, len(x), (min(batch, len(x)),), generator=g)]
         s = log_s.exp()
-        wq = lwc_qdq(w * s, bits, torch.sigmoid(g_hi), torch.sigmoid(g_lo))
+        wq = lwc_qdq_rows(w * s, rows, torch.sigmoid(g_hi), torch.sigmoid(g_lo))
         out = ste_act((xb - shift) / s, a_bits) @ wq.t() + b + w @ shift
         loss = (out - (xb @ w.t() + b)).pow(2).mean()
         opt.zero_grad()
