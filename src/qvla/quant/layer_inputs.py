@@ -34,3 +34,12 @@ def collect_inputs(policy, observations: list, names: list[str], max_rows: int =
             x = x[torch.randperm(len(x), generator=g)[:max_rows]]
         out[n] = x
     return out
+
+
+def planned_linear_inputs(policy, plan, observations: list, a_bits: int, max_rows: int) -> dict[str, torch.Tensor]:
+    """collect_inputs for the Linear layers of a plan that a per-layer search or training can change: those
+    with rows below 16 bits, or every one when activations are quantized (the QVLA hybrids' skeleton)."""
+    mods = dict(policy.model.named_modules())
+    names = [n for n, b in plan.bits.items() if isinstance(mods[n], nn.Linear)
+             and (a_bits < 16 or bool((b < 16).any()))]
+    return collect_inputs(policy, observations, names, max_rows=max_rows)

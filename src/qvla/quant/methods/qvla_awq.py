@@ -5,9 +5,7 @@ With activation quantization (A8 / A4) both searches include it, so the scale se
 per-layer smoothing strength rather than SmoothQuant's fixed alpha. Convs keep QVLA's plain rounding."""
 from __future__ import annotations
 
-import torch.nn as nn
-
-from qvla.quant.layer_inputs import collect_inputs
+from qvla.quant.layer_inputs import planned_linear_inputs
 from qvla.quant.methods import QuantConfig
 from qvla.quant.methods.awq import search
 from qvla.quant.methods.qvla import make_plan as qvla_plan
@@ -17,11 +15,8 @@ def make_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None = N
     sens, observations = calibration
     plan = qvla_plan(policy, cfg, sens, provenance)
     mods = dict(policy.model.named_modules())
-    # a layer whose rows all stay at 16 bits needs no search unless its activations are quantized
-    names = [n for n, b in plan.bits.items() if isinstance(mods[n], nn.Linear)
-             and (cfg.a_bits < 16 or bool((b < 16).any()))]
     transforms, alphas = {}, {}
-    for n, x in collect_inputs(policy, observations, names, max_rows=2048).items():
+    for n, x in planned_linear_inputs(policy, plan, observations, cfg.a_bits, max_rows=2048).items():
         transforms[n], alphas[n] = search(x, mods[n].weight.detach().float(), plan.bits[n].long(), cfg.a_bits)
     plan.transforms, plan.method = transforms, "qvla-awq"
     plan.provenance["alphas"] = alphas

@@ -5,9 +5,7 @@ training cannot change). The allocation is made from the untransformed layers' s
 qvla-awq's. Convs keep QVLA's plain rounding."""
 from __future__ import annotations
 
-import torch.nn as nn
-
-from qvla.quant.layer_inputs import collect_inputs
+from qvla.quant.layer_inputs import planned_linear_inputs
 from qvla.quant.methods import QuantConfig
 from qvla.quant.methods.omniquant import train_layer
 from qvla.quant.methods.qvla import make_plan as qvla_plan
@@ -17,11 +15,8 @@ def make_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None = N
     sens, observations = calibration
     plan = qvla_plan(policy, cfg, sens, provenance)
     mods = dict(policy.model.named_modules())
-    # a layer whose rows all stay at 16 bits has nothing to train unless its activations are quantized
-    names = [n for n, b in plan.bits.items() if isinstance(mods[n], nn.Linear)
-             and (cfg.a_bits < 16 or bool((b < 16).any()))]
     plan.transforms = {n: train_layer(x, mods[n].weight, mods[n].bias, plan.bits[n].long(), cfg.a_bits)
-                       for n, x in collect_inputs(policy, observations, names, max_rows=4096).items()}
+                       for n, x in planned_linear_inputs(policy, plan, observations, cfg.a_bits, 4096).items()}
     plan.method = "qvla-omni"
     plan.provenance["steps"] = 100
     return plan
