@@ -168,8 +168,8 @@ def build_kernel(bits: int, storage: dict[str, torch.Tensor], k: int, a_bits: in
     codes, scale, zero = bucket_codes(storage, bits, k)
     if bits == 8:
         # qvla's kernel forms |q| * (code * sign q), which needs codes in [-127, 127] (qvla's grid)
-        small = codes.numel() <= SMALL_INT8_WEIGHTS and (codes.numel() == 0 or int(codes.min()) >= -127)
-        if small and lowbit.available():
+        on_grid = codes.numel() == 0 or int(codes.min()) >= -127
+        if codes.numel() <= SMALL_INT8_WEIGHTS and on_grid and lowbit.available():
             return LowBitKernel(codes, scale, zero, 8, a_bits)
         return Int8Kernel(codes, scale, passes=2 if a_bits >= 16 else 1)
     if lowbit.available():

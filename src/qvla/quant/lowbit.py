@@ -1,8 +1,9 @@
-"""qvla's own 2/4-bit weight kernel for x86 CPUs (csrc/lowbit.cpp, AVX2), built on first use.
+"""qvla's own 2/4/8-bit weight kernel for x86 CPUs (csrc/lowbit.cpp, AVX2), built on first use.
 
 torch's CPU int4 kernel computes in bf16, which CPUs without bf16 instructions emulate: at one token it
 is compute-bound at a third of the memory bandwidth, and it holds 2-bit rows as 4 bits. This kernel keeps
-2-bit rows at 2 bits and multiplies them with the activations in integers, 32 codes per instruction. The
+2-bit rows at 2 bits and multiplies them with the activations in integers, 32 codes per instruction (8-bit
+rows too: kernels.py runs small 8-bit buckets on it, where fbgemm's fixed cost per call dominates). The
 activations are rounded per token on the plan's grid: once at A8 (int8) and A4 (the 4-bit grid), in two
 int8 passes at A16 (the second carrying the first one's residual: ~14-bit). A block of rows stays in cache
 while every token passes over it, so one token streams the packed weights at memory speed and a prefill
@@ -58,7 +59,7 @@ def available() -> bool:
 
 
 def block_codes(bits: int) -> int:
-    """Codes per 32-byte block of the kernel's layout: 64 at 4 bits, 128 at 2 bits (K is padded to it)."""
+    """Codes per 32-byte block of the kernel's layout: 32 at 8 bits, 64 at 4, 128 at 2 (K is padded to it)."""
     return 256 // bits
 
 

@@ -210,8 +210,7 @@ float round_to_int8(float* r, int64_t k, float qmax, float floor, int8_t* q, int
 void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch::Tensor& zero, int64_t bits,
            int64_t k) {
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "lowbit: bits must be 2, 4 or 8, got ", bits);
-  const int64_t block = bits == 8 ? 32 : 256 / bits;
-  TORCH_CHECK(k % block == 0, "lowbit: K must be a multiple of ", block, " at ", bits, " bits, got ", k);
+  TORCH_CHECK(k % (256 / bits) == 0, "lowbit: K must be a multiple of ", 256 / bits, " at ", bits, " bits, got ", k);
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(),
               "lowbit: packed must be a contiguous 2-D uint8 tensor");
   TORCH_CHECK(packed.size(1) == k * bits / 8, "lowbit: packed rows hold ", packed.size(1), " bytes, expected ",

@@ -18,6 +18,9 @@ from qvla.quant.methods.rtn import layerwise_plan
 from qvla.quant.methods.smoothquant import smooth_scales
 
 
+STEPS = 100  # AdamW steps per layer
+
+
 def ste_round(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
@@ -54,7 +57,7 @@ def ste_act(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def train_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bits: int | torch.Tensor, a_bits: int,
-                steps: int = 100, lr: float = 5e-3, batch: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
+                steps: int = STEPS, lr: float = 5e-3, batch: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
     """-> transform {in_scale, in_shift, clip, clip_lo} for one Linear layer; bits: one width for every row,
     or (N,) per-row widths (a QVLA plan's)."""
     g = torch.Generator().manual_seed(seed)
@@ -83,4 +86,4 @@ def train_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bit
 def make_plan(policy, cfg: QuantConfig, observations, provenance: dict | None = None):
     return layerwise_plan(policy, cfg, observations,
                           lambda x, mod, bits: train_layer(x, mod.weight, mod.bias, bits, cfg.a_bits), 4096,
-                          {**(provenance or {}), "steps": 100, "coverage": "Linear layers trained; convs RTN"})
+                          {**(provenance or {}), "steps": STEPS, "coverage": "Linear layers trained; convs RTN"})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from qvla.quant.layer_inputs import planned_linear_inputs
 from qvla.quant.methods import QuantConfig
-from qvla.quant.methods.omniquant import train_layer
+from qvla.quant.methods.omniquant import STEPS, train_layer
 from qvla.quant.methods.qvla import make_plan as qvla_plan
 
 
@@ -18,5 +18,5 @@ def make_plan(policy, cfg: QuantConfig, calibration, provenance: dict | None = N
     plan.transforms = {n: train_layer(x, mods[n].weight, mods[n].bias, plan.bits[n].long(), cfg.a_bits)
                        for n, x in planned_linear_inputs(policy, plan, observations, cfg.a_bits, 4096).items()}
     plan.method = "qvla-omni"
-    plan.provenance["steps"] = 100
+    plan.provenance["steps"] = STEPS
     return plan
