@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from qvla.table import paired_delta, parse_setting, run_table, write_table
+from qvla.table import head_to_head, mcnemar_p, paired_delta, parse_setting, run_table, write_table
 
 
 @pytest.mark.parametrize("s, expected", [("W4A16", (4.0, 16)), ("w8a8", (8.0, 8)), ("W2.5A16", (2.5, 16))])
@@ -25,6 +25,18 @@ def test_paired_delta_ignores_errored_episodes_and_pairs_by_id():
          "d": {"success": False}}
     m, hw, n = paired_delta(fp, q)
     assert n == 3 and m == pytest.approx(0.0) and hw > 0
+
+
+@pytest.mark.parametrize("wins, losses, p", [(0, 6, 2 / 64), (3, 3, 1.0), (0, 0, 1.0), (1, 9, 2 * 11 / 1024)])
+def test_mcnemar_exact(wins, losses, p):
+    assert mcnemar_p(wins, losses) == pytest.approx(p) and mcnemar_p(losses, wins) == pytest.approx(p)
+
+
+def test_head_to_head_counts_discordant_pairs_only():
+    a = {"a": {"success": True}, "b": {"success": True}, "c": {"success": False}, "d": {"success": True, "error": "x"}}
+    b = {"a": {"success": True}, "b": {"success": False}, "c": {"success": True}, "d": {"success": False}}
+    h = head_to_head(a, b)
+    assert (h["wins"], h["losses"], h["pairs"]) == (1, 1, 3) and h["p"] == 1.0 and h["delta"] == pytest.approx(0.0)
 
 
 def write_eval(path, successes: dict[str, bool], tasks=("reach", "push"), weights_sha256: str | None = None):
@@ -50,6 +62,23 @@ def test_write_table_reads_every_row(tmp_path):
     assert "| W4A16 | rtn | 50 | 50 | 50.0 | -25.0 ±" in md and "1.00 | 1.50 |" in md
     assert "| FP | — | 50 | 100 | 75.0 | — |" in md  # the average keeps its half points
     assert json.loads((tmp_path / "table.json").read_text())["rows"][0]["method"] == "rtn"
+    assert "QVLA against each baseline" not in md  # no QVLA row, nothing to compare
+
+
+def test_write_table_compares_qvla_with_each_baseline_of_its_setting(tmp_path):
+    write_eval(tmp_path / "fp.json", {f"e{i}": True for i in range(8)})
+    rows = []
+    for name, ok in [("rtn", [0] * 8), ("qvla", [1] * 8), ("gptq", [1] * 4 + [0] * 4)]:
+        write_eval(tmp_path / f"eval-{name}.json", {f"e{i}": bool(v) for i, v in enumerate(ok)})
+        (tmp_path / f"bench-{name}.json").write_text(json.dumps(
+            {"weight_bytes": 1, "average_bits": 4.0, "latency_ms": 1.0, "speedup_vs_fp32": 1.0, "speedup_vs_bf16": 1.0,
+             "weight_bytes_fp32": 4, "device": {}}))
+        rows.append({"setting": "W8A8" if name == "gptq" else "W4A16", "method": name, "checkpoint": "c",
+                     "eval": str(tmp_path / f"eval-{name}.json"), "bench": str(tmp_path / f"bench-{name}.json")})
+    t = write_table("p", tmp_path / "fp.json", rows, tmp_path, 4)
+    assert [(h["qvla"], h["baseline"], h["wins"], h["losses"]) for h in t["head_to_head"]] == [("qvla", "rtn", 8, 0)]
+    assert t["head_to_head"][0]["p"] == pytest.approx(2 / 256)
+    assert "| W4A16 | qvla | rtn | +100.0 ± 0.0 | 8 / 0 | 0.008 |" in (tmp_path / "table.md").read_text()
 
 
 def test_run_table_refuses_unknown_methods_and_bad_settings(tmp_path):

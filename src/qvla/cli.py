@@ -47,10 +47,13 @@ def _eval(a: argparse.Namespace) -> None:
 
 
 def _table(a: argparse.Namespace) -> None:
-    from qvla.table import run_table
+    from qvla.table import rewrite_table, run_table
 
-    run_table(a.policy, a.settings.split(","), a.methods.split(","), a.episodes_per_task, a.out, a.calib,
-              a.calib_episodes, a.workers, a.seed, a.form)
+    if a.rewrite:
+        rewrite_table(a.out)
+    else:
+        run_table(a.policy, a.settings.split(","), a.methods.split(","), a.episodes_per_task, a.out, a.calib,
+                  a.calib_episodes, a.workers, a.seed, a.form)
     print((Path(a.out) / "table.md").read_text())
 
 
@@ -155,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("table", help="quantize + evaluate every (setting, method), paired against FP")
     t.add_argument("--policy", required=True)
+    t.add_argument("--rewrite", action="store_true",
+                   help="only write OUT's table.md/json again from its saved rows (runs nothing)")
     t.add_argument("--settings", default="W8A8,W4A4,W4A16")
     t.add_argument("--methods", default="rtn,smoothquant,awq,omniquant,gptq,qvla")
     t.add_argument("--episodes-per-task", type=int, default=20)

@@ -37,6 +37,44 @@ def paired_delta(fp: dict, q: dict) -> tuple[float, float, int]:
     return m, 1.96 * sd / math.sqrt(len(d)), len(d)
 
 
+def mcnemar_p(wins: int, losses: int) -> float:
+    """Exact two-sided McNemar test on the discordant pairs: the chance, if neither row were better, of a
+    split at least this uneven (binomial, p = 1/2)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def head_to_head(a: dict, b: dict) -> dict:
+    """Row a against row b on the episodes both finished: paired difference (a - b) with its 95 % interval,
+    the discordant episodes (a succeeds where b fails, and the reverse) and McNemar's p."""
+    m, hw, n = paired_delta(b, a)
+    both = [i for i in a if i in b and a[i].get("error") is None and b[i].get("error") is None]
+    wins = sum(bool(a[i]["success"]) and not b[i]["success"] for i in both)
+    losses = sum(bool(b[i]["success"]) and not a[i]["success"] for i in both)
+    return {"delta": m, "delta_ci95": hw, "pairs": n, "wins": wins, "losses": losses, "p": mcnemar_p(wins, losses)}
+
+
+def is_qvla(method: str) -> bool:
+    return method.split("+")[0].startswith("qvla")
+
+
+def head_to_head_lines(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """Every QVLA row against every baseline row of the same setting."""
+    lines = ["| Setting | QVLA row | Baseline | Δ (QVLA − baseline, 95% CI) | QVLA-only / baseline-only successes "
+             "| McNemar p |", "|---|---|---|---|---|---|"]
+    out = []
+    for q in (r for r in rows if is_qvla(r["method"])):
+        for b in (r for r in rows if r["setting"] == q["setting"] and not is_qvla(r["method"])):
+            h = head_to_head(records(q["eval"]), records(b["eval"]))
+            out.append({"setting": q["setting"], "qvla": q["method"], "baseline": b["method"], **h})
+            lines.append(f"| {q['setting']} | {q['method']} | {b['method']} | {100 * h['delta']:+.1f} ± "
+                         f"{100 * h['delta_ci95']:.1f} | {h['wins']} / {h['losses']} | {h['p']:.3f} |")
+    return lines, out
+
+
 def _done(path: Path) -> bool:
     return path.is_file() and path.with_suffix(".jsonl").is_file()
 
@@ -98,6 +136,14 @@ def run_table(policy: str, settings: list[str], methods: list[str], episodes_per
     return write_table(policy, fp_file, earlier_rows(out, rows) + rows, out, episodes_per_task)
 
 
+def rewrite_table(out: str | Path) -> dict:
+    """Write OUT's table again from its saved rows (evaluations and benches), running nothing: for a table
+    written by an earlier version of this module."""
+    out = Path(out)
+    old = json.loads((out / "table.json").read_text())
+    return write_table(old["policy"], out / "fp.json", earlier_rows(out, []), out, old["episodes_per_task"])
+
+
 def earlier_rows(out: Path, rows: list[dict]) -> list[dict]:
     """Rows of earlier `qvla table` runs into the same OUT that this run did not redo: one table per OUT."""
     old = out / "table.json"
@@ -146,7 +192,11 @@ def write_table(policy: str, fp_file: Path, rows: list[dict], out: Path, episode
             f"{device.get('cpu')}, {device.get('threads')} threads ({device.get('isa')}). Coverage: QVLA "
             f"quantizes every Linear and Conv of all four roles; the baselines transform Linear layers and "
             f"round convs as RTN." if bench0 else "")
+    h2h_lines, table["head_to_head"] = head_to_head_lines(rows)
     md = f"# Results table: {policy}\n\n{note}\n\n" + "\n".join(lines) + "\n"
+    if table["head_to_head"]:
+        md += ("\n## QVLA against each baseline\n\nPaired on the same episodes. A p above 0.05 means the two rows "
+               "are not told apart at this number of episodes.\n\n" + "\n".join(h2h_lines) + "\n")
     (out / "table.md").write_text(md)
     (out / "table.json").write_text(json.dumps({**table, "device": device}, indent=1))
     return table
