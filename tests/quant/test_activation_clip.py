@@ -19,7 +19,12 @@ def test_clipped_activations_saturate_at_the_ratio_and_ratio_one_is_no_clipping(
     x = torch.tensor([[0.1, -0.2, 0.3, 7.0], [1.0, -1.0, 0.5, 0.0]])
     assert torch.equal(fake_quant_activation(x, 4, torch.tensor([1.0])), fake_quant_activation(x, 4))
     q = fake_quant_activation(x, 4, torch.tensor([0.5]))
-    assert float(q[0].abs().max()) == pytest.approx(3.5) and float(q[1].abs().max()) == pytest.approx(0.5)
+    # A4 grid, halved: token 0 spans [-0.2, 7] (z = round(0.2 / 0.48) = 0: -0.2 rounds to 0), its top saturates
+    # at 15 steps of 0.24; token 1 spans [-1, 1] (z = round(7.5), 7 or 8 as the float falls), its ends
+    # saturate at -z and 15 - z steps of 1/15
+    assert float(q[0].max()) == pytest.approx(15 * 0.24) and float(q[0, 1]) == 0.0
+    z = float(torch.round(torch.tensor(1.0) / (torch.tensor(2.0) / 15)))
+    assert float(q[1].max()) == pytest.approx((15 - z) / 15) and float(q[1].min()) == pytest.approx(-z / 15)
 
 
 def test_the_chosen_ratio_lowers_a4_error_and_every_path_applies_it():
@@ -34,7 +39,7 @@ def test_the_chosen_ratio_lowers_a4_error_and_every_path_applies_it():
         for r in RATIOS:
             layer.inp["a_clip"] = torch.tensor([r])
             errs.append(float((layer(x) - lin(x)).pow(2).sum()))
-    assert min(errs) < 0.9 * errs[0]
+    assert min(errs) < 0.97 * errs[0]  # ~6% here: the asymmetric A4 grid is already finer than [-max, max]
     best = torch.tensor([RATIOS[errs.index(min(errs))]])
     clipped = QuantLinear.from_linear(lin, torch.tensor([8, 4, 2, 16, 0] * 8), 4, {**t, "a_clip": best})
     with torch.no_grad():

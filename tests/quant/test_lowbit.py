@@ -215,18 +215,39 @@ def test_kernel_rounds_activations_on_the_plans_grid(bits, a_bits, tokens):
 
 
 @needs_kernel
-@pytest.mark.parametrize("a_bits", [4, 8])
-def test_kernel_rounds_ties_to_even_and_zero_tokens_to_zero(a_bits):
-    """Ties round half to even, as torch.round in the simulated layer; an all-zero token gives 0."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kernel_a4_grid_on_skewed_padded_inputs(bits):
+    """The asymmetric A4 grid on what it is for, all-positive (post-GELU-like) tokens, with K padded to the
+    kernel's block (the padding zeros must not move a token's range: 0 is always inside it)."""
     from qvla.quant.primitives import fake_quant_activation
 
-    qmax = 2 ** (a_bits - 1) - 1
+    g = torch.Generator().manual_seed(7)
+    n, k = 24, 200
+    codes, scale, zero = random_codes(bits, n, k, g)
+    x = torch.relu(torch.randn(5, k, generator=g)) + 0.3
+    x[1] = -x[1]  # and an all-negative one
+    w = (codes.double() - zero[:, None].double()) * scale[:, None].double()
+    ref = fake_quant_activation(x.double(), 4) @ w.t()
+    out = LowBitKernel(codes, scale, zero, bits, 4)(x)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("a_bits, token, expected", [
+    (8, [127.0, 0.5, 1.5, 2.5, -0.5], [127.0, 0.0, 2.0, 2.0, -0.0]),  # symmetric, step 1
+    (4, [14.5, 0.5, 1.5, 2.5, -0.5], [14.0, 0.0, 2.0, 2.0, 0.0]),  # asymmetric: range 15, step 1, z = round(0.5) = 0
+])
+def test_kernel_rounds_ties_to_even_and_zero_tokens_to_zero(a_bits, token, expected):
+    """Ties round half to even, as torch.round in the simulated layer (the A4 zero point too); an all-zero
+    token gives 0."""
+    from qvla.quant.primitives import fake_quant_activation
+
     k = 64
     x = torch.zeros(2, k)
-    x[0, :5] = torch.tensor([float(qmax), 0.5, 1.5, 2.5, -0.5])  # step 1: ties at .5
+    x[0, :5] = torch.tensor(token)
     kern = LowBitKernel(torch.eye(5, k, dtype=torch.long), torch.ones(5), torch.zeros(5), 4, a_bits)
     out = kern(x)  # row i picks activation i
-    assert out[0].tolist() == [float(qmax), 0.0, 2.0, 2.0, -0.0]
+    assert out[0].tolist() == expected
     assert torch.equal(out[0], fake_quant_activation(x, a_bits)[0, :5])
     assert torch.equal(out[1], torch.zeros(5))
 

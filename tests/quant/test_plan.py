@@ -57,6 +57,19 @@ def test_load_refuses_a_non_plan(tmp_path):
         Plan.load(tmp_path)
 
 
+@pytest.mark.parametrize("a_bits, loads", [(16, True), (8, True), (4, False)])
+def test_plans_of_the_first_format_load_unless_their_a4_grid_changed(tmp_path, a_bits, loads):
+    """qvla-plan/1 rounded A4 activations on the symmetric grid: such a plan would now run differently."""
+    plan_of({"a": [8]}, {"a": 1}, a_bits=a_bits).save(tmp_path)
+    meta = json.loads((tmp_path / "plan.json").read_text())
+    (tmp_path / "plan.json").write_text(json.dumps({**meta, "format": "qvla-plan/1"}))
+    if loads:
+        assert Plan.load(tmp_path).a_bits == a_bits
+    else:
+        with pytest.raises(ValueError, match="symmetric grid: quantize again"):
+            Plan.load(tmp_path)
+
+
 @pytest.mark.parametrize("bad", [1, 3, 5, 7, 12, 32])
 def test_bits_outside_allowed_raise(bad):
     with pytest.raises(ValueError, match=rf"layer b: bits \[{bad}\] not in \(0, 2, 4, 8, 16\)"):

@@ -93,6 +93,30 @@ def test_activation_8_bit_per_token_error_is_small():
     assert fake_quant_activation(x, 16) is x
 
 
+def test_activation_4_bit_grid_is_asymmetric_with_zero_on_it():
+    """A4: each token's grid spans its [min, max] (widened to hold 0) in 15 steps, 0 stays exact, and the
+    codes (x / step) are integers in [-15, 15] (what the integer kernels multiply)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(8, 64, generator=g), torch.rand(8, 64, generator=g) + 0.5])  # mixed / all positive
+    x[:, 0] = 0.0
+    q = fake_quant_activation(x, 4)
+    lo, hi = x.amin(-1, keepdim=True).clamp_max(0), x.amax(-1, keepdim=True).clamp_min(0)
+    step = (hi - lo) / 15
+    codes = q / step
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 15 + 1e-4
+    assert all(len(r.unique()) <= 16 for r in q) and torch.equal(q[:, 0], torch.zeros(16))
+    assert ((q - x).abs() <= step / 2 + 1e-6).all()  # nothing saturates: the grid covers the token
+
+
+def test_activation_4_bit_keeps_all_levels_on_a_skewed_input():
+    """A post-ReLU input: the symmetric 4-bit grid would spend half its levels on values that never occur."""
+    x = torch.relu(torch.randn(256, 128, generator=torch.Generator().manual_seed(4)))
+    asym = ((fake_quant_activation(x, 4) - x).norm(dim=-1) / x.norm(dim=-1)).mean()
+    step = x.abs().amax(-1, keepdim=True) / 7
+    sym = ((torch.clamp(torch.round(x / step), -7, 7) * step - x).norm(dim=-1) / x.norm(dim=-1)).mean()
+    assert float(asym) < 0.6 * float(sym)
+
+
 def test_activation_rows_are_independent():
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
     q = fake_quant_activation(x, 8)

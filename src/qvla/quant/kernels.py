@@ -120,17 +120,18 @@ class Int4Kernel:
 class LowBitKernel:
     """qvla's 2/4-bit kernel (lowbit.py): rows stay at their own bit width in memory and every token is
     multiplied with them in integers. Activations are rounded per token on the plan's own grid: one pass
-    at A8 (int8) and A4 (the 4-bit grid, so the rounding the plan simulates is the kernel's, exactly); two
-    passes at A16 (the second carries the first one's residual: ~14-bit)."""
+    at A8 (symmetric int8) and A4 (the asymmetric 4-bit grid, so the rounding the plan simulates is the
+    kernel's, exactly); two passes at A16 (the second carries the first one's residual: ~14-bit)."""
 
     name = "qvla-lowbit"
-    # at A8 / A4 the kernel rounds each token on the plan's grid itself (the same symmetric per-token
-    # rounding as primitives.fake_quant_activation), so the caller need not round it first
+    # at A8 / A4 the kernel rounds each token on the plan's grid itself (the same per-token rounding as
+    # primitives.fake_quant_activation), so the caller need not round it first
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                  a_bits: int = 16) -> None:
         self.ext, self.bits = lowbit.extension(), bits
-        self.qmax, self.passes = (2 ** (a_bits - 1) - 1, 1) if a_bits <= 8 else (127, 2)
+        self.qmax, self.passes = {8: (127, 1), 4: (15, 1), 16: (127, 2)}[a_bits]
+        self.asym = a_bits == 4  # primitives.activation_grid
         self.rounds_input = a_bits <= 8
         k = codes.shape[1]
         self.pad = _ceil(k, lowbit.block_codes(bits)) - k
@@ -142,7 +143,7 @@ class LowBitKernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xp = F.pad(x, (0, self.pad)) if self.pad else x
-        return self.ext.mm(xp, self.packed, self.scale, self.zero, self.bits, self.qmax, self.passes)
+        return self.ext.mm(xp, self.packed, self.scale, self.zero, self.bits, self.qmax, self.passes, self.asym)
 
 
 class HalfKernel:

@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from qvla.quant.primitives import BITS
 
-FORMAT = "qvla-plan/1"
+FORMAT = "qvla-plan/2"  # /2: A4 activations on the asymmetric grid (primitives.activation_grid)
+# plans of an earlier format that mean the same thing here: /1 differs only in its symmetric A4 grid
+COMPATIBLE = {"qvla-plan/1": lambda meta: meta["a_bits"] != 4}
 TRANSFORMS = "plan-transforms.safetensors"  # only for methods that transform weights (baselines)
 A_BITS = (4, 8, 16)
 
@@ -87,8 +89,10 @@ class Plan:
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path} is not a plan directory: {f} is missing")
         meta = json.loads((path / "plan.json").read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}/plan.json: format {meta.get('format')!r}, expected {FORMAT!r}")
+        fmt = meta.get("format")
+        if fmt != FORMAT and not (fmt in COMPATIBLE and COMPATIBLE[fmt](meta)):
+            why = " (its A4 activations were rounded on the symmetric grid: quantize again)" if fmt in COMPATIBLE else ""
+            raise ValueError(f"{path}/plan.json: format {fmt!r}, expected {FORMAT!r}{why}")
         bits = {n: t.to(torch.int8) for n, t in load_file(path / "plan.safetensors").items()}
         transforms: dict[str, dict[str, torch.Tensor]] = {}
         if (path / TRANSFORMS).is_file():

@@ -3,7 +3,8 @@
 Weights: per-output-channel uniform quantization. 8 bits are symmetric (what int8 GEMM kernels take);
 4 and 2 bits are asymmetric (scale + zero point), which matters most at 2 bits where a symmetric grid
 wastes a level. 16 means "kept in floating point"; 0 means the channel is pruned (all zeros).
-Activations: per-token dynamic symmetric quantization (one scale per row of the last dimension).
+Activations: per-token dynamic quantization (one grid per row of the last dimension): symmetric at 8 bits,
+asymmetric at 4 (activation_grid).
 """
 from __future__ import annotations
 
@@ -80,18 +81,30 @@ def fake_quant_mixed(w: torch.Tensor, bits_per_row: torch.Tensor, clip: torch.Te
     return out
 
 
+def activation_grid(x: torch.Tensor, bits: int, clip: torch.Tensor | float | None = None):
+    """Each token's (last dim) integer grid -> (step, lo, hi): x rounds to clamp(round(x / step), lo, hi) * step.
+    A8 is symmetric (|code| <= 127). A4 is asymmetric (as OmniQuant's and Atom's activations): the token's
+    [min, max], widened to hold 0, spans the 16 levels, so a skewed input (post-GELU, pixels) keeps all of
+    them; the zero point z is folded into the bounds (codes in [-z, 15 - z], |code| <= 15), so the codes
+    stay symmetric int8 values for the integer kernels. clip in (0, 1] lays the grid on that fraction of the
+    range (values beyond it saturate)."""
+    if bits == 8:
+        step = x.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127
+        return step * (1 if clip is None else clip), -127.0, 127.0
+    if bits != 4:
+        raise ValueError(f"activation bits must be 4, 8 or 16, got {bits}")
+    lo, hi = x.amin(-1, keepdim=True).clamp_max(0), x.amax(-1, keepdim=True).clamp_min(0)
+    step = (hi - lo).clamp_min(1e-8) / 15
+    z = torch.round(-lo / step)
+    return step * (1 if clip is None else clip), -z, 15 - z
+
+
 def fake_quant_activation(x: torch.Tensor, bits: int, clip: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Per-token (last dim) dynamic symmetric quantization; 16 leaves x alone. clip in (0, 1] lays each
-    token's grid on that fraction of its largest magnitude (values beyond it saturate)."""
+    """Per-token dynamic quantization on activation_grid; 16 leaves x alone."""
     if bits >= 16:
         return x
-    if bits not in (4, 8):
-        raise ValueError(f"activation bits must be 4, 8 or 16, got {bits}")
-    qmax = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
-    if clip is not None:
-        scale = scale * clip
-    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+    step, lo, hi = activation_grid(x, bits, clip)
+    return torch.clamp(torch.round(x / step), lo, hi) * step
 
 
 def weight_error(w: torch.Tensor, bits: int) -> torch.Tensor:

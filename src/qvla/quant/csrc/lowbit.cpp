@@ -8,9 +8,10 @@
 // codes j, j + 32, j + 64, ... in its bit fields 0, 1, ... (Bits wide each). So a shift by i*Bits and a
 // mask give the block's codes 32i .. 32i+31 in order, as 32 bytes.
 //
-// Activations are rounded per token to a symmetric integer grid, q = round(x / s), s = max|x| / qmax
-// (qmax 127 for int8, 7 when the plan's activations are 4-bit: then the rounding is the plan's own), in
-// one or two passes (the second carries the first one's rounding residual: ~14-bit in all, for A16).
+// Activations are rounded per token to an integer grid, q = round(x / s): symmetric, s = max|x| / 127, in
+// one or two passes (the second carries the first one's rounding residual: ~14-bit in all, for A16), or
+// the plan's asymmetric 4-bit grid (s = (max - min) / 15, codes in [-z, 15 - z]: the rounding is the
+// plan's own).
 // A row's weights are w[k] = (code[k] - zero) * scale, so with x[m] as rounded, sum_p s_p[m] * q_p[m],
 //   y[m, n] = scale[n] * (sum_p s_p[m] * (code . q_p[m])) - scale[n] * zero[n] * sum(x[m]).
 #include <torch/extension.h>
@@ -167,26 +168,33 @@ void dequant_rows(const uint8_t* packed, const float* scale, const float* zero, 
 // One activation pass: q = round(r / step) with step = max(max|r|, floor) / qmax (qmax <= 127), and
 // r -= q * step (the residual the next pass carries). k a multiple of 32. Returns step (NaN, with q = 0,
 // when r holds a NaN or an infinity, so that the output is NaN as the float layer's would be);
-// *qsum = sum of q.
-float round_to_int8(float* r, int64_t k, float qmax, float floor, int8_t* q, int64_t* qsum) {
+// *qsum = sum of q. asym: the grid spans [min(r, 0), max(r, 0)] in qmax steps instead, with the zero point
+// z folded into the bounds, q in [-z, qmax - z] (primitives.activation_grid's A4 grid).
+float round_to_int8(float* r, int64_t k, float qmax, float floor, bool asym, int8_t* q, int64_t* qsum) {
   const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();  // bad: sum of r * 0, NaN iff r has NaN/inf
+  __m256 mx = _mm256_setzero_ps(), mn = _mm256_setzero_ps(), bad = _mm256_setzero_ps();  // bad: NaN iff r has NaN/inf
   for (int64_t j = 0; j < k; j += 8) {
     const __m256 v = _mm256_loadu_ps(r + j);
-    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
+    mx = _mm256_max_ps(mx, asym ? v : _mm256_andnot_ps(sign, v));
+    mn = _mm256_min_ps(mn, v);
     bad = _mm256_add_ps(bad, _mm256_mul_ps(v, _mm256_setzero_ps()));
   }
-  alignas(32) float lanes[8], flags[8];
+  alignas(32) float lanes[8], low[8], flags[8];
   _mm256_store_ps(lanes, mx);
+  _mm256_store_ps(low, mn);
   _mm256_store_ps(flags, bad);
   const float amax = *std::max_element(lanes, lanes + 8);
-  if (std::any_of(flags, flags + 8, [](float f) { return std::isnan(f); }) || !std::isfinite(amax)) {
+  const float amin = *std::min_element(low, low + 8);  // <= 0: the lanes start at 0
+  if (std::any_of(flags, flags + 8, [](float f) { return std::isnan(f); }) || !std::isfinite(amax) ||
+      !std::isfinite(amin)) {
     std::fill(q, q + k, 0);
     *qsum = 0;
     return NAN;
   }
-  const float step = std::max(amax, floor) / qmax;
-  const __m256 st = _mm256_set1_ps(step), lim = _mm256_set1_ps(qmax), nlim = _mm256_set1_ps(-qmax);
+  const float step = std::max(asym ? amax - amin : amax, floor) / qmax;
+  const float z = asym ? std::nearbyint(-amin / step) : 0.f;  // round half to even, as torch.round
+  const __m256 st = _mm256_set1_ps(step), lim = _mm256_set1_ps(asym ? qmax - z : qmax),
+               nlim = _mm256_set1_ps(asym ? -z : -qmax);
   __m256i csum = _mm256_setzero_si256();  // |q| <= 127 over k < 2^24 codes: no int32 overflow
   for (int64_t j = 0; j < k; j += 32) {
     __m256i c[4];
@@ -225,10 +233,11 @@ void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch:
 // x (M, K) fp32 -> (M, N) fp32: each token rounded to the grid of qmax in `passes` passes (the second
 // carries the first one's residual), integer dot products with the rows, then the float epilogue.
 torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero,
-                        int64_t bits, int64_t qmax, int64_t passes) {
+                        int64_t bits, int64_t qmax, int64_t passes, bool asym) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "lowbit: x must be 2-D fp32");
   TORCH_CHECK(qmax >= 1 && qmax <= 127, "lowbit: qmax must be in [1, 127], got ", qmax);
   TORCH_CHECK(passes == 1 || passes == 2, "lowbit: passes must be 1 or 2, got ", passes);
+  TORCH_CHECK(!asym || passes == 1, "lowbit: an asymmetric grid rounds in one pass");
   check(packed, scale, zero, bits, x.size(1));
   TORCH_CHECK(x.size(1) > 0, "lowbit: x must have at least one column");
   x = x.contiguous();
@@ -248,7 +257,7 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
         const float floor = pass == 0 ? 1e-8f : std::numeric_limits<float>::min() * qmax;
         int64_t qsum = 0;
         s[pass * m + t] =
-            round_to_int8(r.data(), k, static_cast<float>(qmax), floor, qp + (pass * m + t) * k, &qsum);
+            round_to_int8(r.data(), k, static_cast<float>(qmax), floor, asym, qp + (pass * m + t) * k, &qsum);
         xsum[t] += s[pass * m + t] * static_cast<double>(qsum);
       }
     }
@@ -306,7 +315,7 @@ int64_t lowbit_threads_used() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &lowbit_mm, "x (M, K) fp32 . packed 2/4/8-bit rows (N, K) -> (M, N) fp32 (integer activations, 1-2 passes)",
         py::arg("x"), py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("qmax") = 127,
-        py::arg("passes") = 2);
+        py::arg("passes") = 2, py::arg("asym") = false);
   m.def("dequant", &lowbit_dequant, "packed 2/4/8-bit rows -> fp32 (N, K)");
   m.def("threads_used", &lowbit_threads_used, "threads the extension's parallel loops run on");
 }

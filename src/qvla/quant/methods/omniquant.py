@@ -16,6 +16,7 @@ import torch
 from qvla.quant.methods import QuantConfig
 from qvla.quant.methods.rtn import layerwise_plan
 from qvla.quant.methods.smoothquant import smooth_scales
+from qvla.quant.primitives import activation_grid
 
 
 STEPS = 100  # AdamW steps per layer
@@ -49,11 +50,11 @@ def lwc_qdq_rows(w: torch.Tensor, bits: torch.Tensor, gamma: torch.Tensor, beta:
 
 
 def ste_act(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The plan's per-token activation rounding (primitives.activation_grid), with a straight-through round."""
     if bits >= 16:
         return x
-    qmax = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
-    return torch.clamp(ste_round(x / scale), -qmax, qmax) * scale
+    step, lo, hi = activation_grid(x, bits)
+    return torch.clamp(ste_round(x / step), lo, hi) * step
 
 
 def train_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bits: int | torch.Tensor, a_bits: int,
