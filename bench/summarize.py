@@ -2,7 +2,7 @@
 same evaluation episodes.
 
 Usage: python bench/summarize.py > results/summary.md
-Reads every results/table/<dir>/table.json (the rows `qvla table` wrote, with its FP run) and every
+Reads every results/table/<dir>[/<sub>]/table.json (the rows `qvla table` wrote, with its FP run) and every
 results/ablation/<policy-prefix>-*.json evaluation, paired with the FP run of the table directory of the
 same policy and seed (results/table/microvla-<chunk|token>[-seed<S>]/fp.json).
 """
@@ -62,7 +62,7 @@ def ablation_rows() -> list[str]:
 def main() -> None:
     print(HEAD)
     print("|" + "---|" * (HEAD.count("|") - 1))
-    for d in sorted(p.parent for p in (R / "table").glob("*/table.json")):
+    for d in sorted(p.parent for p in (R / "table").glob("**/table.json")):  # a4-symmetric/: archived rows
         print("\n".join(table_rows(d)))
     print("\n".join(ablation_rows()))
 
