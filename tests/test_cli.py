@@ -113,3 +113,14 @@ def test_demos_refuse_bad_count_and_non_empty_out(capsys, tmp_path):
 def test_demos_needs_one_mode(capsys, tmp_path):
     run_refused(capsys, ["demos"], "needs --per-task and --out")
     run_refused(capsys, ["demos", "--add-state", str(tmp_path), "--out", str(tmp_path / "x")], "drop --out")
+
+
+def test_table_needs_a_policy_unless_it_only_rewrites(capsys, tmp_path):
+    from tests.test_table import write_eval
+
+    run_refused(capsys, ["table", "--out", str(tmp_path)], "--policy is required (unless --rewrite)")
+    assert not any(tmp_path.iterdir())
+    write_eval(tmp_path / "fp.json", {"e0": True, "e1": False})
+    (tmp_path / "table.json").write_text(json.dumps({"policy": "p", "episodes_per_task": 1, "rows": []}))
+    assert main(["table", "--rewrite", "--out", str(tmp_path)]) == 0
+    assert "| FP | — | 100 | 0 | 50.0 |" in (tmp_path / "table.md").read_text()

@@ -51,6 +51,8 @@ def _table(a: argparse.Namespace) -> None:
 
     if a.rewrite:
         rewrite_table(a.out)
+    elif not a.policy:
+        raise ValueError("--policy is required (unless --rewrite)")
     else:
         run_table(a.policy, a.settings.split(","), a.methods.split(","), a.episodes_per_task, a.out, a.calib,
                   a.calib_episodes, a.workers, a.seed, a.form)
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
 
     t = sub.add_parser("table", help="quantize + evaluate every (setting, method), paired against FP")
-    t.add_argument("--policy", required=True)
+    t.add_argument("--policy", help="registered name or checkpoint directory (not needed with --rewrite)")
     t.add_argument("--rewrite", action="store_true",
                    help="only write OUT's table.md/json again from its saved rows (runs nothing)")
     t.add_argument("--settings", default="W8A8,W4A4,W4A16")
