@@ -1,9 +1,10 @@
 """Activation clipping: per-token 4-bit activations lay 16 levels over each token's [min, max] (8-bit: 255
-over [-max, max]), so one large entry coarsens the grid for all the others. Saturating the largest entries (QuaRot clips A4 at 0.9
-of the maximum) trades a few clipped values for a finer grid everywhere else. Per Linear layer we pick the
-ratio that minimizes the layer's squared output error on its calibration inputs, the layer run as the plan
-runs it (its weights at their planned bits, its transforms); the ratio is stored with the layer (a_clip)
-and applied by the fake-quant layer, the real-kernel layer and the sensitivity's error model alike.
+over [-max, max]), so one large entry coarsens the grid for all the others. Saturating the largest entries
+(QuaRot clips A4 at 0.9 of the maximum) trades a few clipped values for a finer grid everywhere else. Per
+Linear layer we pick the ratio that minimizes the layer's squared output error on its calibration inputs,
+the layer run as the plan runs it (its weights at their planned bits, its transforms); the ratio is stored
+with the layer (a_clip) and applied by the fake-quant layer, the real-kernel layer and the sensitivity's
+error model alike.
 """
 from __future__ import annotations
 

@@ -91,7 +91,8 @@ class Plan:
         meta = json.loads((path / "plan.json").read_text())
         fmt = meta.get("format")
         if fmt != FORMAT and not (fmt in COMPATIBLE and COMPATIBLE[fmt](meta)):
-            why = " (its A4 activations were rounded on the symmetric grid: quantize again)" if fmt in COMPATIBLE else ""
+            why = (" (its A4 activations were rounded on the symmetric grid: quantize again)"
+                   if fmt in COMPATIBLE else "")
             raise ValueError(f"{path}/plan.json: format {fmt!r}, expected {FORMAT!r}{why}")
         bits = {n: t.to(torch.int8) for n, t in load_file(path / "plan.safetensors").items()}
         transforms: dict[str, dict[str, torch.Tensor]] = {}
