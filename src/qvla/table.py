@@ -25,11 +25,15 @@ def records(summary: Path) -> dict[str, dict]:
     return {r["id"]: r for r in map(json.loads, Path(summary).with_suffix(".jsonl").read_text().splitlines())}
 
 
+def finished_pairs(a: dict, b: dict) -> list[str]:
+    """The episodes both records finished (no error in either), in a's order."""
+    return [i for i in a if i in b and a[i].get("error") is None and b[i].get("error") is None]
+
+
 def paired_delta(fp: dict, q: dict) -> tuple[float, float, int]:
     """Mean paired difference in success (q - fp) over episodes both finished, its 95 % normal-approximation
     half-width, and the number of pairs."""
-    d = [float(q[i]["success"]) - float(fp[i]["success"]) for i in fp if i in q
-         and fp[i].get("error") is None and q[i].get("error") is None]
+    d = [float(q[i]["success"]) - float(fp[i]["success"]) for i in finished_pairs(fp, q)]
     if not d:
         return float("nan"), float("nan"), 0
     m = sum(d) / len(d)
@@ -51,7 +55,7 @@ def head_to_head(a: dict, b: dict) -> dict:
     """Row a against row b on the episodes both finished: paired difference (a - b) with its 95 % interval,
     the discordant episodes (a succeeds where b fails, and the reverse) and McNemar's p."""
     m, hw, n = paired_delta(b, a)
-    both = [i for i in a if i in b and a[i].get("error") is None and b[i].get("error") is None]
+    both = finished_pairs(a, b)
     wins = sum(bool(a[i]["success"]) and not b[i]["success"] for i in both)
     losses = sum(bool(b[i]["success"]) and not a[i]["success"] for i in both)
     return {"delta": m, "delta_ci95": hw, "pairs": n, "wins": wins, "losses": losses, "p": mcnemar_p(wins, losses)}
