@@ -65,14 +65,15 @@ def is_qvla(method: str) -> bool:
     return method.split("+")[0].startswith("qvla")
 
 
-def head_to_head_lines(rows: list[dict]) -> tuple[list[str], list[dict]]:
-    """Every QVLA row against every baseline row of the same setting."""
+def head_to_head_lines(rows: list[dict], recs: dict[str, dict]) -> tuple[list[str], list[dict]]:
+    """Every QVLA row against every baseline row of the same setting; recs: each row's episode records, by
+    its eval file."""
     lines = ["| Setting | QVLA row | Baseline | Δ (QVLA − baseline, 95% CI) | QVLA-only / baseline-only successes "
              "| McNemar p |", "|---|---|---|---|---|---|"]
     out = []
     for q in (r for r in rows if is_qvla(r["method"])):
         for b in (r for r in rows if r["setting"] == q["setting"] and not is_qvla(r["method"])):
-            h = head_to_head(records(q["eval"]), records(b["eval"]))
+            h = head_to_head(recs[q["eval"]], recs[b["eval"]])
             out.append({"setting": q["setting"], "qvla": q["method"], "baseline": b["method"], **h})
             lines.append(f"| {q['setting']} | {q['method']} | {b['method']} | {100 * h['delta']:+.1f} ± "
                          f"{100 * h['delta_ci95']:.1f} | {h['wins']} / {h['losses']} | {h['p']:.3f} |")
@@ -175,11 +176,12 @@ def write_table(policy: str, fp_file: Path, rows: list[dict], out: Path, episode
              "qvla-rot-gptq"]
     rows = sorted(rows, key=lambda r: (*(-v for v in parse_setting(r["setting"])),
                                        order.index(r["method"]) if r["method"] in order else len(order)))
+    recs = {r["eval"]: records(r["eval"]) for r in rows}  # read once: the FP pairing and the head-to-head
     for r in rows:
         s = json.loads(Path(r["eval"]).read_text())
         b = json.loads(Path(r["bench"]).read_text())
         bench0 = bench0 or b
-        m, hw, n = paired_delta(fp, records(r["eval"]))
+        m, hw, n = paired_delta(fp, recs[r["eval"]])
         lines.append(f"| {r['setting']} | {r['method']} | " + " | ".join(pct(s["per_task"][t]) for t in tasks)
                      + f" | {avg(s['success_rate'])} | {100 * m:+.1f} ± {100 * hw:.1f} | "
                      f"{b['weight_bytes'] / 2**20:.2f} | {b['speedup_vs_fp32']:.2f} | {len(s['errors'])} |")
@@ -196,7 +198,7 @@ def write_table(policy: str, fp_file: Path, rows: list[dict], out: Path, episode
             f"{device.get('cpu')}, {device.get('threads')} threads ({device.get('isa')}). Coverage: QVLA "
             f"quantizes every Linear and Conv of all four roles; the baselines transform Linear layers and "
             f"round convs as RTN." if bench0 else "")
-    h2h_lines, table["head_to_head"] = head_to_head_lines(rows)
+    h2h_lines, table["head_to_head"] = head_to_head_lines(rows, recs)
     md = f"# Results table: {policy}\n\n{note}\n\n" + "\n".join(lines) + "\n"
     if table["head_to_head"]:
         md += ("\n## QVLA against each baseline\n\nPaired on the same episodes. A p above 0.05 means the two rows "
