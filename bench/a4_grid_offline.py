@@ -9,17 +9,19 @@ Usage: python bench/a4_grid_offline.py --policy microvla-token --calib DIR --for
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import torch
 
 import qvla.quant.apply as apply_mod
 import qvla.quant.packed as packed_mod
-from qvla.calibrate import load_calibration
 from qvla.policies import load_policy
 from qvla.quant.primitives import fake_quant_activation
-from qvla.quant.sensitivity import _deviation, _outputs, batches
+from qvla.quant.sensitivity import _deviation, _outputs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from offline_deviation import add_row, reference, save  # noqa: E402  (the same reference and output)
 
 
 def symmetric_a4(x: torch.Tensor, bits: int, clip=None) -> torch.Tensor:
@@ -43,12 +45,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=3, help="every STRIDE-th calibration step")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    torch.set_flush_denormal(True)
-    fp = load_policy(a.policy)
-    _, obs = load_calibration(a.calib, None)
-    obs = obs[::a.stride]
-    steps = batches(fp, obs, 32)
-    ref = _outputs(fp, steps, a.form)
+    obs, steps, ref = reference(a.policy, a.calib, a.form, a.stride)
     res = {"policy": a.policy, "form": a.form, "observations": len(obs), "rows": []}
     for ck in a.checkpoints:
         q = load_policy(ck, kernels="simulated")
@@ -60,10 +57,8 @@ def main() -> None:
                 row[name] = _deviation(ref, _outputs(q, steps, a.form), a.form) / len(obs)
             finally:
                 apply_mod.fake_quant_activation = packed_mod.fake_quant_activation = fake_quant_activation
-        print(json.dumps(row), flush=True)
-        res["rows"].append(row)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
+        add_row(res, row)
+    save(res, a.out)
 
 
 if __name__ == "__main__":

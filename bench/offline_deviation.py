@@ -23,6 +23,26 @@ from qvla.quant.sensitivity import _deviation, _outputs, batches
 from qvla.table import parse_setting
 
 
+def reference(policy: str, observations: str, form: str, stride: int = 1):
+    """-> (observations, their batches, the FP policy's outputs on them): what every row is measured against."""
+    torch.set_flush_denormal(True)
+    fp = load_policy(policy)
+    _, obs = load_calibration(observations, None)
+    obs = obs[::stride]
+    steps = batches(fp, obs, 32)
+    return obs, steps, _outputs(fp, steps, form)
+
+
+def add_row(res: dict, row: dict) -> None:
+    print(json.dumps(row), flush=True)
+    res["rows"].append(row)
+
+
+def save(res: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--policy", required=True)
@@ -32,11 +52,7 @@ def main() -> None:
     ap.add_argument("--form", default="action")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    torch.set_flush_denormal(True)
-    fp = load_policy(a.policy)
-    _, obs = load_calibration(a.holdout or a.calib, None)
-    steps = batches(fp, obs, 32)
-    ref = _outputs(fp, steps, a.form)
+    obs, steps, ref = reference(a.policy, a.holdout or a.calib, a.form)
     res = {"policy": a.policy, "observations": len(obs), "form": a.form, "rows": []}
     for run in a.runs.split(","):
         setting, method = run.split(":")
@@ -46,11 +62,8 @@ def main() -> None:
             quantize(a.policy, QuantConfig(method=method, w_bits=w, a_bits=ab, form=a.form), a.calib, tmp)
             q = load_policy(tmp, kernels="simulated")
             dev = _deviation(ref, _outputs(q, steps, a.form), a.form) / len(obs)
-        row = {"setting": setting, "method": method, "deviation": dev, "seconds": round(time.time() - t0, 1)}
-        print(json.dumps(row), flush=True)
-        res["rows"].append(row)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
+        add_row(res, {"setting": setting, "method": method, "deviation": dev, "seconds": round(time.time() - t0, 1)})
+    save(res, a.out)
 
 
 if __name__ == "__main__":
