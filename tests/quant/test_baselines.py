@@ -229,3 +229,68 @@ def test_gptq_at_mixed_bits_is_gptq_row_by_row():
     assert torch.allclose(layer.weight, q, atol=1e-6)  # the checkpoint keeps GPTQ's codes at every width
     with pytest.raises(ValueError, match="bits must be one of"):
         gptq_quantize(w, h, torch.full((24,), 3))
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_gptq_grid_search_is_never_worse_than_min_max(bits):
+    """The searched range rounds every row at least as well as min-max on the search's own measure, and
+    strictly better on a row whose range one outlier sets."""
+    from qvla.quant.methods.gptq import NORM, searched_grid
+    from qvla.quant.primitives import quant_params, quantize_rows, dequantize_rows
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    w[0, 0] = 12.0
+    err = lambda grid: (dequantize_rows(*quantize_rows(w, bits, grid=grid)) - w).abs().pow(NORM).sum(1)  # noqa: E731
+    s, z, _, _ = quant_params(w, bits)
+    searched, minmax = err(searched_grid(w, bits)), err((s, z))
+    assert bool((searched <= minmax + 1e-6).all()) and searched[0] < 0.9 * minmax[0]
+
+
+def test_conv_patches_make_a_conv_a_linear_layer():
+    from qvla.quant.layer_inputs import conv_patches
+
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        y = conv(x)
+        flat = conv_patches(conv, x) @ conv.weight.reshape(5, -1).t() + conv.bias
+    assert torch.allclose(flat, y.permute(0, 2, 3, 1).reshape(-1, 5), atol=1e-5)
+    with pytest.raises(ValueError, match="groups=1"):
+        conv_patches(nn.Conv2d(4, 4, 3, groups=2), torch.randn(1, 4, 5, 5))
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_gptq_on_a_conv_is_no_worse_than_rtn(bits):
+    """A conv GPTQ'd on its input patches: smaller output error than RTN's, and the checkpoint layer keeps
+    GPTQ's weights."""
+    from qvla.quant.apply import QuantConv2d
+    from qvla.quant.layer_inputs import conv_patches
+    from qvla.quant.methods.gptq import gptq_transform
+
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    x = torch.randn(16, 8, 10, 10, generator=g) * torch.linspace(0.2, 5, 8)[None, :, None, None]
+    t = gptq_transform(conv_patches(conv, x), conv.weight.detach(), bits)
+    assert t["weight"].shape == conv.weight.shape
+    b = torch.full((12,), bits)
+    gptq, rtn = QuantConv2d.from_conv(conv, b, 16, t), QuantConv2d.from_conv(conv, b, 16)
+    assert torch.allclose(gptq.weight, t["weight"], atol=1e-6)
+    with torch.no_grad():
+        ref = conv(x)
+        assert float((gptq(x) - ref).pow(2).sum()) < float((rtn(x) - ref).pow(2).sum())
+
+
+def test_gptq_plans_cover_convs(make_toy, toy_obs):
+    """The GPTQ baseline and QVLA + GPTQ put GPTQ's weights on the conv as well as on the Linear layers."""
+    from qvla.quant.methods.qvla_gptq import gptq_at_planned_bits
+
+    policy = make_toy()
+    plan = METHODS["gptq"](policy, QuantConfig(method="gptq", w_bits=4), toy_obs, {})
+    assert {"0", "3", "5"} <= {n for n, t in plan.transforms.items() if "weight" in t}
+    assert plan.transforms["0"]["weight"].shape == policy.model[0].weight.shape
+    mixed = METHODS["rtn"](policy, QuantConfig(method="rtn", w_bits=2), None, {})
+    mixed.bits["0"] = torch.tensor([16, 2, 4, 0], dtype=torch.int8)
+    mixed = gptq_at_planned_bits(policy, mixed, toy_obs)
+    w = mixed.transforms["0"]["weight"]
+    assert torch.equal(w[0], policy.model[0].weight[0].detach()) and not w[3].any()
+    quantize_(policy, mixed)  # the mixed-bit conv applies

@@ -1,7 +1,8 @@
 """QVLA + GPTQ: QVLA's per-channel bit allocation, then every Linear layer rounded by GPTQ at its planned
 mixed bits (gptq.gptq_quantize: GPTQ's updates are row by row, so each row is GPTQ at its own width; rows
-at 16 stay exact, pruned rows zero). The allocation is made from the RTN-rounded layers' sensitivities, an
-upper bound on what GPTQ's rounding costs. Convs keep QVLA's plain rounding."""
+at 16 stay exact, pruned rows zero), and every conv too, as the Linear layer it is on its input patches.
+The allocation is made from the RTN-rounded layers' sensitivities, an upper bound on what GPTQ's rounding
+costs."""
 from __future__ import annotations
 
 import torch.nn as nn
@@ -16,11 +17,12 @@ from qvla.quant.storage import input_transform
 
 
 def gptq_at_planned_bits(policy, plan: Plan, observations, max_rows: int = 8192) -> Plan:
-    """Adds GPTQ's weights to every Linear layer of the plan with rows at 2, 4 or 8 bits, computed on the
-    layer as the plan runs it: after the plan's own input transform (rotation, scaling) if it has one."""
+    """Adds GPTQ's weights to every Linear layer and conv of the plan with rows at 2, 4 or 8 bits, computed on
+    the layer as the plan runs it: after the plan's own input transform (rotation, scaling) if it has one."""
     mods = dict(policy.model.named_modules())
-    names = [n for n, b in plan.bits.items() if isinstance(mods[n], nn.Linear) and bool(((b > 0) & (b < 16)).any())]
-    for n, x in collect_inputs(policy, observations, names, max_rows=max_rows).items():
+    names = [n for n, b in plan.bits.items()
+             if isinstance(mods[n], (nn.Linear, nn.Conv2d)) and bool(((b > 0) & (b < 16)).any())]
+    for n, x in collect_inputs(policy, observations, names, max_rows=max_rows, convs=True).items():
         t = plan.transforms.get(n, {})
         w, _, inp = transformed(mods[n].weight.detach().float(), None, t)
         plan.transforms[n] = {**t, **gptq_transform(input_transform(x, inp), w, plan.bits[n])}

@@ -35,13 +35,14 @@ def uniform_plan(policy, cfg: QuantConfig, transforms: dict | None = None, prove
 
 
 def layerwise_plan(policy, cfg: QuantConfig, observations, transform: Callable, max_rows: int,
-                   provenance: dict) -> Plan:
-    """Uniform bits plus, for every quantized Linear, transform(inputs (rows, K), module, bits) -> tensors,
-    computed on that layer's full-precision calibration inputs (the baselines' shared skeleton)."""
+                   provenance: dict, convs: bool = False) -> Plan:
+    """Uniform bits plus, for every quantized Linear (and conv, if convs: on its input patches),
+    transform(inputs (rows, K), module, bits) -> tensors, computed on that layer's full-precision
+    calibration inputs (the baselines' shared skeleton)."""
     from qvla.quant.layer_inputs import collect_inputs
 
     bits = uniform_bits(policy, cfg)
-    inputs = collect_inputs(policy, observations, list(bits), max_rows=max_rows)
+    inputs = collect_inputs(policy, observations, list(bits), max_rows=max_rows, convs=convs)
     mods = dict(policy.model.named_modules())
     transforms = {n: transform(x, mods[n], int(bits[n][0])) for n, x in inputs.items() if int(bits[n][0]) < 16}
     return uniform_plan(policy, cfg, transforms, provenance)
