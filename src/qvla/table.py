@@ -196,8 +196,8 @@ def write_table(policy: str, fp_file: Path, rows: list[dict], out: Path, episode
             f"held in memory by the real-kernel checkpoint (fp32 policy: "
             f"{bench0['weight_bytes_fp32'] / 2**20:.2f} MB). Speedup: batch-1 control step vs fp32, "
             f"{device.get('cpu')}, {device.get('threads')} threads ({device.get('isa')}). Coverage: QVLA "
-            f"quantizes every Linear and Conv of all four roles; the baselines transform Linear layers and "
-            f"round convs as RTN." if bench0 else "")
+            f"quantizes every Linear and Conv of all four roles; GPTQ treats convs as Linear layers on their "
+            f"input patches, the other baselines transform Linear layers and round convs as RTN." if bench0 else "")
     h2h_lines, table["head_to_head"] = head_to_head_lines(rows, recs)
     md = f"# Results table: {policy}\n\n{note}\n\n" + "\n".join(lines) + "\n"
     if table["head_to_head"]:
