@@ -44,15 +44,23 @@ def ablation_rows() -> list[str]:
         if not f.with_suffix(".jsonl").is_file():
             continue  # not an evaluation (e.g. a layer-calibration report)
         s = json.loads(f.read_text())
-        policy = "microvla-" + f.stem.split("-")[0]
-        fp_file = R / "table" / (policy + (f"-seed{s['seed']}" if s.get("seed") else "")) / "fp.json"
+        parts = f.stem.split("-")
+        policy = "microvla-" + parts[0]
+        seed = f"-seed{s['seed']}" if s.get("seed") else ""
+        # the table the ablation was made from: 'token-v5-...' -> microvla-token-v5, else 'token-...' -> microvla-token
+        fp_file = next((R / "table" / f"microvla-{'-'.join(parts[:k])}{seed}" / "fp.json" for k in (2, 1)
+                        if (R / "table" / f"microvla-{'-'.join(parts[:k])}{seed}" / "fp.json").is_file()),
+                       R / "table" / f"{policy}{seed}" / "fp.json")
+        cfg = R.parent / s["checkpoint"] / "config.json"  # absent where the checkpoint was not kept
+        source = json.loads(cfg.read_text())["quantization"]["source_weights_sha256"] if cfg.is_file() else None
+        if fp_file.is_file() and source and json.loads(fp_file.read_text()).get("weights_sha256") != source:
+            fp_file = Path("/nonexistent")  # that table's FP ran other weights than this checkpoint was made from
         if not fp_file.is_file():
             out.append(f"| {policy} | eval ({s.get('seed')}) | — | {f.stem} | — | {100 * s['success_rate']:.1f}% | — | "
                        f"no FP run on these episodes | {len(s['errors'])} | `{f.relative_to(R.parent)}` |")
             continue
         fp = json.loads(fp_file.read_text())
         m, hw, _ = paired_delta(records(fp_file), records(f))
-        cfg = R.parent / s["checkpoint"] / "config.json"  # absent where the checkpoint was not kept
         bits = json.loads(cfg.read_text())["quantization"]["average_bits"] if cfg.is_file() else None
         out.append(line(policy, s.get("seed", 0), "ablation", f.stem, bits, fp["success_rate"], s["success_rate"],
                         m, hw, len(s["errors"]), str(f.relative_to(R.parent))))
