@@ -48,14 +48,13 @@ def ablation_rows() -> list[str]:
         policy = "microvla-" + parts[0]
         seed = f"-seed{s['seed']}" if s.get("seed") else ""
         # the table the ablation was made from: 'token-v5-...' -> microvla-token-v5, else 'token-...' -> microvla-token
-        fp_file = next((R / "table" / f"microvla-{'-'.join(parts[:k])}{seed}" / "fp.json" for k in (2, 1)
-                        if (R / "table" / f"microvla-{'-'.join(parts[:k])}{seed}" / "fp.json").is_file()),
-                       R / "table" / f"{policy}{seed}" / "fp.json")
+        tables = [R / "table" / f"microvla-{'-'.join(parts[:k])}{seed}" / "fp.json" for k in (2, 1)]
+        fp_file = next((t for t in tables if t.is_file()), None)
         cfg = R.parent / s["checkpoint"] / "config.json"  # absent where the checkpoint was not kept
         source = json.loads(cfg.read_text())["quantization"]["source_weights_sha256"] if cfg.is_file() else None
-        if fp_file.is_file() and source and json.loads(fp_file.read_text()).get("weights_sha256") != source:
-            fp_file = Path("/nonexistent")  # that table's FP ran other weights than this checkpoint was made from
-        if not fp_file.is_file():
+        if fp_file and source and json.loads(fp_file.read_text()).get("weights_sha256") != source:
+            fp_file = None  # that table's FP ran other weights than this checkpoint was made from
+        if fp_file is None:
             out.append(f"| {policy} | eval ({s.get('seed')}) | — | {f.stem} | — | {100 * s['success_rate']:.1f}% | — | "
                        f"no FP run on these episodes | {len(s['errors'])} | `{f.relative_to(R.parent)}` |")
             continue

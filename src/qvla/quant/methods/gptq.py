@@ -15,7 +15,7 @@ import torch
 
 from qvla.quant.methods import QuantConfig
 from qvla.quant.methods.rtn import layerwise_plan
-from qvla.quant.primitives import check_bits, quant_params
+from qvla.quant.primitives import check_bits, dequantize_rows, quant_params, quantize_rows
 
 SHRINKS = 1 - torch.arange(80) / 100  # range fractions the grid search tries, 1 (min-max) first
 NORM = 2.4  # the search's error norm, as in the reference implementation
@@ -29,9 +29,8 @@ def searched_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     best = torch.full((w.shape[0],), float("inf"))
     scale, zero = torch.ones(w.shape[0]), torch.zeros(w.shape[0])
     for p in SHRINKS.tolist():
-        s, z, lo, hi = quant_params(w, bits, torch.full((w.shape[0],), p))
-        q = (torch.clamp(torch.round(w / s[:, None]) + z[:, None], lo, hi) - z[:, None]) * s[:, None]
-        err = (q - w).abs().pow(NORM).sum(1)
+        codes, s, z = quantize_rows(w, bits, torch.full((w.shape[0],), p))
+        err = (dequantize_rows(codes, s, z) - w).abs().pow(NORM).sum(1)
         better = err < best
         best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
     return scale, zero
