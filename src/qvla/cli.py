@@ -100,7 +100,7 @@ def _quantize(a: argparse.Namespace) -> None:
     from qvla.quant.pipeline import quantize
 
     cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, form=a.form, proxy=a.proxy,
-                      solver=a.solver, pins=_pins(a.keep), no_prune=tuple(a.no_prune), probes=a.probes,
+                      solver=a.solver, pins=_pins(a.keep), no_prune=None if a.no_prune is None else tuple(a.no_prune), probes=a.probes,
                       count=a.count, weighting=a.weighting, tie=a.tie)
     out = quantize(a.policy, cfg, a.calib, a.out, a.suite)
     q = json.loads((out / "config.json").read_text())["quantization"]
@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--solver", default="greedy", choices=["greedy", "exact"])
     q.add_argument("--keep", nargs="*", default=[], metavar="ROLE=BITS",
                    help="lowest bits allowed for a role or re:REGEX layer pattern, e.g. lm_head=16")
-    q.add_argument("--no-prune", nargs="*", default=[], metavar="ROLE", help="roles that may not use 0 bits")
+    q.add_argument("--no-prune", nargs="*", default=None, metavar="ROLE",
+                   help="roles that may not use 0 bits (default: vision below an average of 4 bits; "
+                        "--no-prune alone lets every role prune)")
     q.add_argument("--probes", type=int, default=None)
     q.add_argument("--count", default="stored", choices=["stored", "held"],
                    help="the budget counts bits as stored on disk, or as the CPU kernels hold them (2 bits as 4)")

@@ -146,6 +146,20 @@ def test_pins_and_no_prune_are_respected(pins, no_prune, floor_head, enc_can_pru
             assert (bits[:3] != 0).all()
 
 
+@pytest.mark.parametrize("w_bits, no_prune, vision_allowed_zero", [
+    (3.0, None, False),  # the default below 4 bits: vision channels are not pruned
+    (4.0, None, True),  # from 4 bits every role may prune
+    (3.0, (), True),  # an explicit empty list replaces the default
+])
+def test_default_no_prune_depends_on_the_budget(w_bits, no_prune, vision_allowed_zero):
+    cfg = QuantConfig(w_bits=w_bits, no_prune=no_prune)
+    p, _ = problem_from(fake_sensitivity(), cfg, "product")
+    assert p.allowed[:3, CHAIN.index(0)].tolist() == [vision_allowed_zero] * 3
+    assert p.allowed[3:, CHAIN.index(0)].all()
+    bits = greedy(p, 1.0)  # a budget that prunes whatever it may
+    assert (bits[:3] != 0).all() != vision_allowed_zero
+
+
 def test_budget_below_pins_raises_with_the_lowest_average():
     p, _ = problem_from(fake_sensitivity(), QuantConfig(pins={"lm_head": 16}), "product")
     assert p.min_average() == pytest.approx(16 * 16 / 28)  # 16 of 28 weights stay at 16 bits, the rest at 0
