@@ -124,3 +124,15 @@ def test_table_needs_a_policy_unless_it_only_rewrites(capsys, tmp_path):
     (tmp_path / "table.json").write_text(json.dumps({"policy": "p", "episodes_per_task": 1, "rows": []}))
     assert main(["table", "--rewrite", "--out", str(tmp_path)]) == 0
     assert "| FP | — | 100 | 0 | 50.0 |" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], None),  # the budget's default (QuantConfig.NO_PRUNE_BELOW)
+    (["--no-prune"], []),  # every role may prune
+    (["--no-prune", "vision", "llm"], ["vision", "llm"]),
+])
+def test_quantize_no_prune_default_is_distinct_from_an_empty_list(argv, expected):
+    from qvla.cli import build_parser
+
+    a = build_parser().parse_args(["quantize", "--policy", "p", "--w-bits", "3", "--out", "o", *argv])
+    assert a.no_prune == expected
