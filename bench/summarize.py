@@ -51,16 +51,17 @@ def ablation_rows() -> list[str]:
         tables = [R / "table" / f"microvla-{'-'.join(parts[:k])}{seed}" / "fp.json" for k in (2, 1)]
         fp_file = next((t for t in tables if t.is_file()), None)
         cfg = R.parent / s["checkpoint"] / "config.json"  # absent where the checkpoint was not kept
-        source = json.loads(cfg.read_text())["quantization"]["source_weights_sha256"] if cfg.is_file() else None
-        if fp_file and source and json.loads(fp_file.read_text()).get("weights_sha256") != source:
-            fp_file = None  # that table's FP ran other weights than this checkpoint was made from
-        if fp_file is None:
+        quant = json.loads(cfg.read_text())["quantization"] if cfg.is_file() else {}
+        source = quant.get("source_weights_sha256")
+        fp = json.loads(fp_file.read_text()) if fp_file else None
+        if fp and source and fp.get("weights_sha256") != source:
+            fp = None  # that table's FP ran other weights than this checkpoint was made from
+        if fp is None:
             out.append(f"| {policy} | eval ({s.get('seed')}) | — | {f.stem} | — | {100 * s['success_rate']:.1f}% | — | "
                        f"no FP run on these episodes | {len(s['errors'])} | `{f.relative_to(R.parent)}` |")
             continue
-        fp = json.loads(fp_file.read_text())
         m, hw, _ = paired_delta(records(fp_file), records(f))
-        bits = json.loads(cfg.read_text())["quantization"]["average_bits"] if cfg.is_file() else None
+        bits = quant.get("average_bits")
         out.append(line(policy, s.get("seed", 0), "ablation", f.stem, bits, fp["success_rate"], s["success_rate"],
                         m, hw, len(s["errors"]), str(f.relative_to(R.parent))))
     return out

@@ -100,7 +100,7 @@ def _quantize(a: argparse.Namespace) -> None:
     from qvla.quant.pipeline import quantize
 
     cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, form=a.form, proxy=a.proxy,
-                      solver=a.solver, pins=_pins(a.keep), no_prune=None if a.no_prune is None else tuple(a.no_prune), probes=a.probes,
+                      solver=a.solver, pins=_pins(a.keep), no_prune=a.no_prune, probes=a.probes,
                       count=a.count, weighting=a.weighting, tie=a.tie)
     out = quantize(a.policy, cfg, a.calib, a.out, a.suite)
     q = json.loads((out / "config.json").read_text())["quantization"]

@@ -27,7 +27,8 @@ def split_method(name: str) -> tuple[str, set[str]]:
 # Roles the allocation may not prune (0 bits) by default, by budget: below an average of 4 bits the greedy
 # prunes a quarter of the token policy's vision channels, which the first-order proxy prices far too low
 # (forbidding it at 3 bits: +13.0 and +0.5 points on the token table's and the seed-1 episodes, +6.5 and
-# +9.0 with GPTQ on the min-max grid, -0.5 on the chunk policy; see the README).
+# +9.0 with GPTQ on the min-max grid, -0.5 on the chunk policy; on the chunk policy at 2.5 and 2 bits -2.5
+# and -4.5, not significant: mixed evidence, see the README).
 # An explicit QuantConfig.no_prune (--no-prune, even empty) replaces it.
 NO_PRUNE_BELOW: tuple[tuple[float, tuple[str, ...]], ...] = ((4.0, ("vision",)),)
 
