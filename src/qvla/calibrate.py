@@ -17,12 +17,14 @@ from tqdm import tqdm
 
 from qvla.atomic import atomic_directory
 from qvla.checkpoint import WEIGHTS, sha256
+from qvla.cpu_mode import stage_mode
 from qvla.envs import Observation, get_suite
 from qvla.evaluate import rollout
 
 FORMAT = "qvla-calib/1"
 
 
+@stage_mode()
 def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: int = 0) -> dict:
     """Rolls out the policy on `episodes` calibration episodes spread round-robin over the suite's tasks."""
     from qvla.policies import load_policy, resolve
@@ -30,7 +32,6 @@ def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: i
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     torch.set_num_threads(1)  # the same observations as an evaluation worker would see
-    torch.set_flush_denormal(True)
     path = resolve(policy_ref)
     policy = load_policy(path)
     s = get_suite(suite)
