@@ -69,6 +69,8 @@ def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, for
         parts.append(weighting)
     if a_bits == 4:  # A4 sensitivities made on the earlier symmetric grid are not reused
         parts.append("a4-asymmetric")
+    if all("sha256" in e for e in manifest["episodes"]):  # tables of manifests without digests keep their keys
+        parts.append([e["sha256"] for e in manifest["episodes"]])
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
     label = (f"-{transforms[0]}" if transforms else "") + (f"-{weighting}" if weighting != "steps" else "")
     file = Path(calib) / f"sensitivity-{form}-a{a_bits}{label}-{key}.safetensors"
