@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from qvla.bench import run_bench
 from qvla.cli import main
+from qvla.cpu_mode import flushing_denormals
 from qvla.quant.methods import QuantConfig
 from qvla.quant.pipeline import quantize
 
@@ -28,6 +30,13 @@ def test_bench_reports_memory_and_latency_of_all_three_forms(rtn4, tmp_path):
     assert set(r["latency_ms_per_role"]["policy"]) >= {"vision", "llm", "action_head"}
     assert all(r[k] > 0 for k in ("latency_ms", "latency_ms_fp32", "latency_ms_bf16"))
     assert r["kernels"] == "real" and r["device"]["threads"] == 1
+
+
+def test_bench_gives_the_callers_cpu_mode_back(rtn4):
+    threads = torch.get_num_threads()
+    torch.set_flush_denormal(False)
+    run_bench(str(rtn4), None, runs=1, warmup=0, threads=1)
+    assert not flushing_denormals() and torch.get_num_threads() == threads
 
 
 def test_bench_cli_refuses_zero_runs(rtn4, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -56,6 +57,30 @@ def test_load_calibration_returns_every_call(calib):
     assert o.extras == {"episode": manifest["episodes"][0]["id"], "t": len(observations) - 1}
     assert o.instruction == manifest["episodes"][0]["instruction"] and o.task == manifest["episodes"][0]["task"]
     assert not np.array_equal(observations[0].images["third"], o.images["third"])  # the scene moved
+
+
+def test_manifest_records_each_episodes_observation_digest(calib):
+    out, manifest, _ = calib
+    with np.load(out / manifest["episodes"][0]["file"]) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert manifest["episodes"][0]["sha256"] == qvla.calibrate.observation_digest(arrays)
+    arrays["proprio"] = arrays["proprio"] + 1e-6
+    assert qvla.calibrate.observation_digest(arrays) != manifest["episodes"][0]["sha256"]
+
+
+def test_load_calibration_refuses_observations_other_than_the_recorded(calib, tmp_path):
+    """Regenerated observations (another machine, other code) next to a kept manifest are refused: the cached
+    sensitivities and the checkpoints made from that directory came from the recorded ones."""
+    out, manifest, _ = calib
+    copy = tmp_path / "calib"
+    shutil.copytree(out, copy)
+    file = copy / manifest["episodes"][0]["file"]
+    with np.load(file) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["third"][0, 0, 0, 0] ^= 1  # one pixel's lowest bit
+    np.savez(file, **arrays)
+    with pytest.raises(ValueError, match="holds other observations than its manifest recorded.*qvla calibrate"):
+        load_calibration(copy)
 
 
 def test_load_calibration_refuses_another_suite(calib):

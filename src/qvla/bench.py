@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qvla.cpu_mode import stage_mode
 from qvla.envs import Observation
 
 
@@ -80,6 +81,7 @@ def role_timers(policy, totals: dict[str, float]):
             h.remove()
 
 
+@stage_mode()
 def run_bench(policy_ref: str, out: str | Path | None = None, runs: int = 50, warmup: int = 5,
               threads: int = 2) -> dict:
     from qvla.checkpoint import WEIGHTS, read_meta
@@ -89,7 +91,6 @@ def run_bench(policy_ref: str, out: str | Path | None = None, runs: int = 50, wa
     if runs < 1 or warmup < 0:
         raise ValueError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
     torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
     path = resolve(policy_ref)
     meta = read_meta(path)
     policy = load_policy(path)

@@ -8,6 +8,7 @@ episodes/<k>.npz with "<camera>" (T, H, W, 3) uint8 and "proprio" (T, 4) float32
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,12 +18,14 @@ from tqdm import tqdm
 
 from qvla.atomic import atomic_directory
 from qvla.checkpoint import WEIGHTS, sha256
+from qvla.cpu_mode import stage_mode
 from qvla.envs import Observation, get_suite
 from qvla.evaluate import rollout
 
 FORMAT = "qvla-calib/1"
 
 
+@stage_mode()
 def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: int = 0) -> dict:
     """Rolls out the policy on `episodes` calibration episodes spread round-robin over the suite's tasks."""
     from qvla.policies import load_policy, resolve
@@ -30,7 +33,6 @@ def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: i
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     torch.set_num_threads(1)  # the same observations as an evaluation worker would see
-    torch.set_flush_denormal(True)
     path = resolve(policy_ref)
     policy = load_policy(path)
     s = get_suite(suite)
@@ -45,10 +47,12 @@ def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: i
             for k, spec in enumerate(tqdm(specs, desc="calibrate", unit="ep")):
                 seen: list[Observation] = []
                 rec = rollout(policy, env, spec, observer=lambda _s, _t, o: seen.append(o))
-                cams = {c: np.stack([o.images[c] for o in seen]) for c in seen[0].images}
-                np.savez(tmp / f"episodes/{k:04d}.npz", proprio=np.stack([o.proprio for o in seen]), **cams)
+                arrays = {"proprio": np.stack([o.proprio for o in seen]),
+                          **{c: np.stack([o.images[c] for o in seen]) for c in seen[0].images}}
+                np.savez(tmp / f"episodes/{k:04d}.npz", **arrays)
                 entries.append({"file": f"episodes/{k:04d}.npz", "id": spec.id, "task": spec.task,
-                                "instruction": seen[0].instruction, "calls": len(seen), "success": rec["success"]})
+                                "instruction": seen[0].instruction, "calls": len(seen), "success": rec["success"],
+                                "sha256": observation_digest(arrays)})
             manifest = {"format": FORMAT, "suite": suite, "seed": seed, "policy": policy.name,
                         "checkpoint": str(path), "weights_sha256": sha256(path / WEIGHTS), "episodes": entries}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -76,8 +80,30 @@ def load_calibration(path: str | Path, suite: str | None = None) -> tuple[dict, 
     observations = []
     for e in manifest["episodes"]:
         with np.load(path / e["file"], allow_pickle=False) as z:
-            cams = [k for k in z.files if k != "proprio"]
-            for t in range(e["calls"]):
-                observations.append(Observation({c: z[c][t] for c in cams}, z["proprio"][t],
-                                                e["instruction"], e["task"], {"episode": e["id"], "t": t}))
+            arrays = {k: z[k] for k in z.files}
+        check_digest(arrays, e, path, manifest)
+        cams = [k for k in arrays if k != "proprio"]
+        for t in range(e["calls"]):
+            observations.append(Observation({c: arrays[c][t] for c in cams}, arrays["proprio"][t],
+                                            e["instruction"], e["task"], {"episode": e["id"], "t": t}))
     return manifest, observations
+
+
+def observation_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of an episode's arrays (names, dtypes, shapes, bytes); the .npz file's own bytes carry a timestamp."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def check_digest(arrays: dict[str, np.ndarray], entry: dict, path: Path, manifest: dict) -> None:
+    """Observations regenerated next to a kept manifest must be the recorded ones: the sensitivities cached beside
+    them, and every checkpoint made from them, came from those. (Manifests written before digests have none.)"""
+    if "sha256" in entry and (found := observation_digest(arrays)) != entry["sha256"]:
+        raise ValueError(f"{path / entry['file']} holds other observations than its manifest recorded (sha256 "
+                         f"{found[:12]}, recorded {entry['sha256'][:12]}): regenerated on another machine or by "
+                         f"other code; collect a new directory with 'qvla calibrate --policy {manifest['policy']} "
+                         f"--episodes {len(manifest['episodes'])} --out NEW'")

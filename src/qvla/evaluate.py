@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from qvla.checkpoint import WEIGHTS, sha256
+from qvla.cpu_mode import stage_mode
 from qvla.envs import EpisodeSpec, Observation, get_suite
 
 Observer = Callable[[EpisodeSpec, int, Observation], None]
@@ -98,6 +99,7 @@ def check_writable(out: str | Path) -> Path:
     return out
 
 
+@stage_mode()
 def evaluate(policy_ref: str, suite: str = "mt10", episodes_per_task: int = 20, seed: int = 0,
              workers: int = 1, out: str | Path | None = None, tasks: list[str] | None = None,
              split: str = "eval", image_size: int = 96, kernels: str = "real") -> dict:

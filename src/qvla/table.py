@@ -84,11 +84,11 @@ def _done(path: Path) -> bool:
     return path.is_file() and path.with_suffix(".jsonl").is_file()
 
 
-def check_source(found: str | None, source: str, what: Path) -> None:
+def check_source(found: str | None, source: str, what: Path, now: str = "the policy's weights are now") -> None:
     """A resumed table must not mix rows made from different weights of the same policy name."""
     if found is not None and found != source:
-        raise ValueError(f"{what} was made from policy weights {found[:12]}, but the policy's weights are now "
-                         f"{source[:12]}; use a new --out (or delete {what})")
+        raise ValueError(f"{what} was made from weights {found[:12]}, but {now} {source[:12]}; use a new --out "
+                         f"(or delete {what})")
 
 
 def run_table(policy: str, settings: list[str], methods: list[str], episodes_per_task: int, out: str | Path,
@@ -131,7 +131,8 @@ def run_table(policy: str, settings: list[str], methods: list[str], episodes_per
             else:
                 quantize(policy, QuantConfig(method=method, w_bits=w, a_bits=a, form=form), calib, ckpt)
             if _done(ev):  # an evaluation kept from an earlier run must be of this very checkpoint
-                check_source(json.loads(ev.read_text()).get("weights_sha256"), sha256(ckpt / WEIGHTS), ev)
+                check_source(json.loads(ev.read_text()).get("weights_sha256"), sha256(ckpt / WEIGHTS), ev,
+                             f"{ckpt} holds")  # rebuilt from other calibration observations or by other code
             else:
                 evaluate(str(ckpt), "mt10", episodes_per_task, seed, workers, ev)
             if not bj.is_file():

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from qvla.checkpoint import WEIGHTS, save_checkpoint, sha256
+from qvla.cpu_mode import stage_mode
 from qvla.demos import read_demos
 from qvla.policies import POLICIES, build_policy
 from qvla.policies.microvla.model import count_params, init_weights
@@ -164,9 +165,9 @@ def _restore_optimizer(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]
     opt.load_state_dict(sd)
 
 
+@stage_mode()
 def train(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> Path:
     torch.set_num_threads(cfg.threads)
-    torch.set_flush_denormal(True)  # denormal floats in the backward pass made CPU steps ~2.5x slower
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "resume").is_dir():
         raise FileExistsError(f"{out} exists, is not empty and holds no resumable run; choose a new --out")

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from qvla.calibrate import load_calibration
 from qvla.checkpoint import WEIGHTS, read_meta, save_checkpoint, sha256
+from qvla.cpu_mode import stage_mode
 from qvla.quant import sensitivity as S
 from qvla.quant.activation_clip import clip_activations
 from qvla.quant.apply import quantize_, quantized_tensors
@@ -68,6 +69,8 @@ def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, for
         parts.append(weighting)
     if a_bits == 4:  # A4 sensitivities made on the earlier symmetric grid are not reused
         parts.append("a4-asymmetric")
+    if all("sha256" in e for e in manifest["episodes"]):  # tables of manifests without digests keep their keys
+        parts.append([e["sha256"] for e in manifest["episodes"]])
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
     label = (f"-{transforms[0]}" if transforms else "") + (f"-{weighting}" if weighting != "steps" else "")
     file = Path(calib) / f"sensitivity-{form}-a{a_bits}{label}-{key}.safetensors"
@@ -84,12 +87,12 @@ def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, for
     return sens, file
 
 
+@stage_mode()
 def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: str | Path,
              suite: str = "mt10") -> Path:
     """Builds the plan with the configured method, applies it and writes the quantized checkpoint."""
     from qvla.policies import load_policy, resolve
 
-    torch.set_flush_denormal(True)
     provenance: dict = {"policy_ref": str(policy_ref), "config": {**cfg.__dict__, "no_prune": list(cfg.no_prune)}}
     needs = NEEDS[cfg.method]
     refine = [(f, label) for f, on, label in ((clip_activations, cfg.act_clip, "activation clipping (+ac)"),
@@ -139,11 +142,11 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
     return Path(out)
 
 
+@stage_mode()
 def run_sensitivity(policy_ref: str, calib: str | Path, out: str | Path, form: str = "action",
                     a_bits: int = 16, validate_k: int = 0, suite: str | None = None, seed: int = 0,
                     probes: int | None = None) -> dict:
     """`qvla sensitivity`: computes (or reuses) the tables, copies them to `out`, optionally validates."""
-    torch.set_flush_denormal(True)
     path, policy, manifest, observations, weights = _load(policy_ref, calib, suite)
     sens, file = sensitivity_for(policy, observations, manifest, calib, form, a_bits, probes=probes)
     out = Path(out)
