@@ -2,8 +2,8 @@
 same evaluation episodes.
 
 Usage: python bench/summarize.py > results/summary.md
-Reads every results/table/<dir>[/<sub>]/table.json (the rows `qvla table` wrote, with its FP run) and every
-results/ablation/<policy-prefix>-*.json evaluation, paired with the FP run of the table directory of the
+Reads every results/table/<dir>[/<sub>]/table.json and results/ablation/<dir>/table.json (the rows `qvla table`
+wrote, with its FP run) and every results/ablation/<policy-prefix>-*.json evaluation, paired with the FP run of the table directory of the
 same policy and seed (results/table/microvla-<chunk|token>[-seed<S>]/fp.json).
 """
 from __future__ import annotations
@@ -70,7 +70,9 @@ def ablation_rows() -> list[str]:
 def main() -> None:
     print(HEAD)
     print("|" + "---|" * (HEAD.count("|") - 1))
-    for d in sorted(p.parent for p in (R / "table").glob("**/table.json")):  # a4-symmetric/: archived rows
+    # archived rows (a4-symmetric/) and ablation tables (chunk-v2-calib30/) too
+    tables = [*(R / "table").glob("**/table.json"), *(R / "ablation").glob("*/table.json")]
+    for d in sorted(p.parent for p in tables):
         print("\n".join(table_rows(d)))
     print("\n".join(ablation_rows()))
 
