@@ -63,7 +63,7 @@ def _init_worker(policy_ref: str, suite: str, image_size: int, policy=None, kern
     from qvla.policies import load_policy
 
     torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(True)  # a spawned worker's own mode; in this process evaluate's stage_mode gives it back
     _worker["policy"] = policy if policy is not None else load_policy(policy_ref, kernels)
     _worker["env"] = get_suite(suite).make_env(image_size=image_size)
 
