@@ -1,6 +1,7 @@
 """One 4096x4096 (and 11008x4096) layer at the token counts a VLA control step runs: qvla's low-bit kernel
 (4-bit rows with A16 activations in two int8 passes and with A8 in one, 2-bit rows, 8-bit rows with A8; and,
-for comparison, 4-bit rows expanded to fp32 for the float GEMM), torch's int4 kernel, fbgemm's int8 kernel,
+for comparison, 4-bit rows expanded to fp32 for the float GEMM, and on a CPU with AVX-512 VNNI the kernel's
+AVX2 path too), torch's int4 kernel, fbgemm's int8 kernel,
 fp32 and bf16. The "micro" section times the micro-VLAs' layer shapes, where a call's fixed cost decides:
 it is what kernels.SMALL_INT8_WEIGHTS (which 8-bit buckets run on qvla's kernel) rests on.
 
@@ -42,11 +43,14 @@ def micro(runs: int, g: torch.Generator) -> dict:
         codes, scale = torch.randint(-127, 128, (n, k), generator=g), torch.rand(n, generator=g) * 0.01
         w = codes.float() * scale[:, None]
         i8, lb8 = Int8Kernel(codes, scale, passes=1), LowBitKernel(codes, scale, torch.zeros(n), 8, a_bits=8)
+        avx2 = {} if lowbit.isa() == "avx2" else {
+            "lowbit8_a8_avx2": LowBitKernel(codes, scale, torch.zeros(n), 8, a_bits=8, isa="avx2")}
         rows = {}
         for m in MICRO_TOKENS:
             x = torch.randn(m, k, generator=g)
             r = {"fp32": median_ms(lambda: F.linear(x, w), runs), "int8_a8": median_ms(lambda: i8(x), runs),
-                 "lowbit8_a8": median_ms(lambda: lb8(x), runs)}
+                 "lowbit8_a8": median_ms(lambda: lb8(x), runs),
+                 **{key: median_ms(lambda: kern(x), runs) for key, kern in avx2.items()}}
             r["lowbit8_vs_int8"] = r["int8_a8"] / r["lowbit8_a8"]
             rows[m] = r
             print("micro", n, k, m, {key: round(v, 4) for key, v in r.items()}, file=sys.stderr, flush=True)
@@ -104,6 +108,10 @@ def main(argv=None) -> int:
         scale, zero = torch.rand(n, generator=g) * 0.01, torch.full((n,), 8.0)
         lb4 = LowBitKernel(codes4, scale, zero, 4)
         lb4a8 = LowBitKernel(codes4, scale, zero, 4, a_bits=8)
+        # on a VNNI CPU also the AVX2 path, the one every CPU with AVX2 runs (same bits, other instructions)
+        avx2 = {} if lowbit.isa() == "avx2" else {
+            "lowbit4_kernel_avx2": LowBitKernel(codes4, scale, zero, 4, isa="avx2"),
+            "lowbit4_a8_avx2": LowBitKernel(codes4, scale, zero, 4, a_bits=8, isa="avx2")}
         lb2 = LowBitKernel(codes4 % 4, scale, torch.full((n,), 2.0), 2)
         i4 = Int4Kernel(codes4, scale, zero)
         codes8 = torch.randint(-127, 128, (n, k), generator=g)
@@ -126,7 +134,8 @@ def main(argv=None) -> int:
                     lambda: F.linear(x, ext.dequant(lb4.packed, lb4.scale, lb4.zero, 4, k)), a.runs),
                 "lowbit2_kernel": median_ms(lambda: lb2(x), a.runs),
             }
-            for key in ("lowbit4_kernel", "lowbit4_a8", "lowbit2_kernel", "int8_a8", "lowbit8_a8"):
+            r.update({key: median_ms(lambda: kern(x), a.runs) for key, kern in avx2.items()})
+            for key in ("lowbit4_kernel", "lowbit4_a8", "lowbit2_kernel", "int8_a8", "lowbit8_a8", *avx2):
                 r[f"{key}_vs_bf16"] = r["bf16"] / r[key]
             rows[m] = r
             print(n, k, m, {key: round(v, 2) for key, v in r.items()}, file=sys.stderr, flush=True)

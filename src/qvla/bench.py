@@ -40,7 +40,7 @@ def device_info(threads: int) -> dict:
 
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
             "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "lowbit_kernel": "qvla-lowbit (AVX2)" if lowbit.available() else "torch int4 (bf16)"}
+            "lowbit_kernel": f"qvla-lowbit ({lowbit.isa()})" if lowbit.available() else "torch int4 (bf16)"}
 
 
 def fixed_observation(policy, seed: int = 0) -> Observation:

@@ -264,3 +264,60 @@ def test_kernel_returns_nan_for_a_token_with_nan_or_inf():
     out = kern(x)
     assert torch.isnan(out[:2]).all()
     assert torch.equal(out[2], ref[2])
+
+
+needs_vnni = pytest.mark.skipif(not lowbit.available() or lowbit.extension().best_isa() != 512,
+                                reason="no AVX-512 VNNI on this CPU")
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("a_bits", [16, 8, 4])
+@pytest.mark.parametrize("n, k", [(5, 33), (7, 64), (9, 128), (13, 200), (6, 384), (66, 1024)])
+@pytest.mark.parametrize("tokens", [2, 8, 9, 10, 11, 17])
+def test_vnni_path_gives_the_avx2_paths_bits(bits, a_bits, n, k, tokens):
+    """The AVX-512 VNNI tiles (4 rows x 4 rows of rounded activations, a last odd 32-byte block read
+    masked, row and token tails of 1-3; from lowbit.cpp's VNNI_MIN_ROWS = 8 rows on, below it the AVX2 path
+    runs) form the same integer sums as the AVX2 path: the outputs are equal, bit for bit. The shapes
+    cover K of one block, an odd number of blocks, and rows that are not a multiple of 4."""
+    g = torch.Generator().manual_seed(bits * 1000 + n * k + tokens + a_bits)
+    codes, scale, zero = random_codes(bits, n, k, g)
+    x = torch.randn(tokens, k, generator=g) * 3
+    vnni = LowBitKernel(codes, scale, zero, bits, a_bits, isa="avx512-vnni")(x)
+    avx2 = LowBitKernel(codes, scale, zero, bits, a_bits, isa="avx2")(x)
+    assert torch.equal(vnni, avx2)
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [2, 4])
+def test_vnni_sums_are_exact_at_the_extremes(bits):
+    """Codes at their maximum (and a row of alternating extremes) times activations at +-127 over a long K
+    with an odd number of blocks: the int32 lanes and the masked last block must come out exact."""
+    n, k = 6, 4096 + lowbit.block_codes(bits)
+    codes = torch.full((n, k), 2**bits - 1)
+    codes[1, ::2] = 0
+    x = torch.full((9, k), 1.0)  # 9 tokens, two passes each: 18 rows of activations, VNNI tiles
+    x[1::2] = -1.0
+    scale, zero = torch.ones(n), torch.zeros(n)
+    ref = x.double() @ codes.double().t()
+    out = LowBitKernel(codes, scale, zero, bits, isa="avx512-vnni")(x)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-2)
+
+
+def test_isa_refuses_an_unknown_or_missing_instruction_set(monkeypatch):
+    if not lowbit.available():
+        pytest.skip("no low-bit kernel on this CPU")
+    monkeypatch.setenv("QVLA_LOWBIT_ISA", "sse2")
+    with pytest.raises(ValueError, match="QVLA_LOWBIT_ISA must be one of"):
+        lowbit.isa()
+    monkeypatch.setenv("QVLA_LOWBIT_ISA", "avx2")
+    assert lowbit.isa() == "avx2"
+    monkeypatch.setenv("QVLA_LOWBIT_ISA", "avx512-vnni")
+    if lowbit.extension().best_isa() == 512:
+        assert lowbit.isa() == "avx512-vnni"
+    else:
+        with pytest.raises(RuntimeError, match="no AVX-512 VNNI"):
+            lowbit.isa()
+    with pytest.raises(RuntimeError, match="isa must be"):  # and the extension itself checks its argument
+        lowbit.extension().mm(torch.zeros(1, 64), torch.zeros(1, 32, dtype=torch.uint8), torch.ones(1),
+                              torch.zeros(1), 4, 127, 2, False, 7)

@@ -5,9 +5,9 @@ reports the bytes it holds, and maps (M, K) float32 activations to (M, rows) flo
 
 | bucket  | kernel                                                  | held in memory        | activations |
 |---------|---------------------------------------------------------|-----------------------|-------------|
-| 8 bits  | qvla's AVX2 kernel (lowbit.py) for buckets of up to SMALL_INT8_WEIGHTS weights | int8 + fp32 scale | the plan's grid (A8, A4); int8 x 2 passes (A16) |
+| 8 bits  | qvla's AVX2/VNNI kernel (lowbit.py) for buckets of up to SMALL_INT8_WEIGHTS weights | int8 + fp32 scale | the plan's grid (A8, A4); int8 x 2 passes (A16) |
 | 8 bits  | else fbgemm dynamic int8 GEMM (torch.ops.quantized)      | int8 + fp32 scale     | 7-bit per token (see Int8Kernel) |
-| 4, 2    | qvla's AVX2 low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | the plan's grid (A8, A4); int8 x 2 passes (A16) |
+| 4, 2    | qvla's AVX2/VNNI low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | the plan's grid (A8, A4); int8 x 2 passes (A16) |
 | 4, 2    | else torch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu) | 4 bits + bf16 scale/zero per group | bf16 |
 | 16      | float GEMM on fp16-stored rows, upcast per call          | fp16                  | fp32 |
 
@@ -128,8 +128,10 @@ class LowBitKernel:
     # primitives.fake_quant_activation), so the caller need not round it first
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                 a_bits: int = 16) -> None:
+                 a_bits: int = 16, isa: str | None = None) -> None:
         self.ext, self.bits = lowbit.extension(), bits
+        self.isa = isa or lowbit.isa()  # the same bits on either; "avx2" to time the AVX2 path on a VNNI CPU
+        self._isa = lowbit.ISA_CODES[self.isa]
         self.qmax, self.passes = {8: (127, 1), 4: (15, 1), 16: (127, 2)}[a_bits]
         self.asym = a_bits == 4  # primitives.activation_grid
         self.rounds_input = a_bits <= 8
@@ -143,7 +145,8 @@ class LowBitKernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xp = F.pad(x, (0, self.pad)) if self.pad else x
-        return self.ext.mm(xp, self.packed, self.scale, self.zero, self.bits, self.qmax, self.passes, self.asym)
+        return self.ext.mm(xp, self.packed, self.scale, self.zero, self.bits, self.qmax, self.passes, self.asym,
+                           self._isa)
 
 
 class HalfKernel:

@@ -1,4 +1,5 @@
-"""qvla's own 2/4/8-bit weight kernel for x86 CPUs (csrc/lowbit.cpp, AVX2), built on first use.
+"""qvla's own 2/4/8-bit weight kernel for x86 CPUs (csrc/lowbit.cpp, AVX2; AVX-512 VNNI where the CPU has
+it), built on first use.
 
 torch's CPU int4 kernel computes in bf16, which CPUs without bf16 instructions emulate: at one token it
 is compute-bound at a third of the memory bandwidth, and it holds 2-bit rows as 4 bits. This kernel keeps
@@ -8,6 +9,10 @@ activations are rounded per token on the plan's grid: once at A8 (int8) and A4 (
 int8 passes at A16 (the second carrying the first one's residual: ~14-bit). A block of rows stays in cache
 while every token passes over it, so one token streams the packed weights at memory speed and a prefill
 reads them from memory once.
+
+On CPUs with AVX-512 VNNI the products run 64 codes per instruction (vpdpbusd) on tiles of 4 rows x 4
+tokens; the integer sums are the AVX2 path's, so both give the same bits. `isa()` says which one runs;
+QVLA_LOWBIT_ISA=avx2 keeps the AVX2 path on a VNNI CPU (to compare the two).
 
 `available()` is False where the CPU lacks AVX2/FMA, no C++ compiler is found, or QVLA_LOWBIT=0; the
 kernels then fall back to torch's int4 kernel (kernels.py), and `qvla bench` records which one ran.
@@ -56,6 +61,26 @@ def extension():
 
 def available() -> bool:
     return extension() is not None
+
+
+ISA_CODES = {"avx2": 2, "avx512-vnni": 512}  # the extension's `isa` argument
+
+
+def isa() -> str:
+    """The instruction set the kernel's products run on: "avx512-vnni" where the CPU has it, else "avx2";
+    QVLA_LOWBIT_ISA (avx2 or avx512-vnni) chooses, and asking for one the CPU lacks fails loudly."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("the low-bit kernel is not available on this machine")
+    best = "avx512-vnni" if ext.best_isa() == 512 else "avx2"
+    asked = os.environ.get("QVLA_LOWBIT_ISA", "")
+    if not asked:
+        return best
+    if asked not in ISA_CODES:
+        raise ValueError(f"QVLA_LOWBIT_ISA must be one of {sorted(ISA_CODES)}, got {asked!r}")
+    if asked == "avx512-vnni" and best != asked:
+        raise RuntimeError("QVLA_LOWBIT_ISA=avx512-vnni, but this CPU has no AVX-512 VNNI")
+    return asked
 
 
 def block_codes(bits: int) -> int:
