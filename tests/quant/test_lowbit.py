@@ -321,3 +321,23 @@ def test_isa_refuses_an_unknown_or_missing_instruction_set(monkeypatch):
     with pytest.raises(RuntimeError, match="isa must be"):  # and the extension itself checks its argument
         lowbit.extension().mm(torch.zeros(1, 64), torch.zeros(1, 32, dtype=torch.uint8), torch.ones(1),
                               torch.zeros(1), 4, 127, 2, False, 7)
+
+
+@needs_kernel
+@pytest.mark.parametrize("passes", [1, 2])
+def test_fbgemm_inputs_rounded_by_the_extension_match_the_torch_fallback(passes, monkeypatch):
+    """Int8Kernel rounds fbgemm's per-token 7-bit input with the extension (one sweep per pass) where it is
+    built and with torch ops elsewhere: the same arithmetic, so the same codes on the first pass and the
+    same output up to float rounding of the residual (the compiler may fuse its multiply-add)."""
+    g = torch.Generator().manual_seed(passes)
+    codes, scale = torch.randint(-127, 128, (40, 300), generator=g), torch.rand(40, generator=g) * 0.01
+    kern = Int8Kernel(codes, scale, passes=passes)
+    x = torch.randn(9, 300, generator=g) * torch.rand(1, 300, generator=g) * 3
+    t_ext, step_ext, _ = kern._rounded(x)
+    y_ext = kern(x)
+    monkeypatch.setattr(lowbit, "available", lambda: False)
+    t_torch, step_torch, _ = kern._rounded(x)
+    y_torch = kern(x)
+    assert torch.equal(t_ext[:9], t_torch[:9]) and torch.equal(step_ext[:9], step_torch[:9])
+    assert t_ext.abs().max() <= 64 and t_ext.shape == (passes * 9, 300)
+    assert ((y_ext - y_torch).norm() / y_torch.norm()).item() < 1e-5

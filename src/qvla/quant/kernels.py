@@ -62,25 +62,38 @@ class Int8Kernel:
         self.rowsum = codes.float().sum(1) * scale
         self.nbytes = codes.numel() + 8 * n  # codes + fp32 scale + fp32 row sum
 
-    def _once(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (output, what this pass rounded x to)."""
-        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    def _round(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass: -> (t, step, base) with x ~ t * step + base per token, t in [-64, 63]."""
+        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
         step = ((hi - lo) / self.LEVELS).clamp_min(1e-30)
         t = torch.round((x - lo) / step) - 64
-        if not bool((hi > lo).any()):  # no token spans the range: add one that does, so scale stays 1
-            t = torch.cat([t, torch.tensor([[-64.0, 63.0] + [0.0] * (x.shape[1] - 2)])[:, : x.shape[1]]])
-            y = torch.ops.quantized.linear_dynamic(t, self.packed, True)[:-1]
-            t = t[:-1]
-        else:
-            y = torch.ops.quantized.linear_dynamic(t, self.packed, True)
-        base = lo + 64 * step
-        return y * step + base * self.rowsum, t * step + base
+        return t, step, lo + 64 * step
+
+    def _rounded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every pass, rows stacked: -> (t (passes * M, K), step, base). A pass only needs the previous
+        one's rounding, not its product, so all of them go through the kernel as one batch of rows. The
+        low-bit extension rounds in one sweep per pass (torch's per-row min/max alone took ~4 ms on a
+        276 x 11008 input here); the torch ops below are the same arithmetic, for machines without it."""
+        if lowbit.available():
+            return tuple(lowbit.extension().round7(x, self.passes))
+        ts, steps, bases = [], [], []
+        for p in range(self.passes):
+            t, step, base = self._round(x if p == 0 else x - (ts[-1] * steps[-1] + bases[-1]))
+            ts.append(t), steps.append(step), bases.append(base)
+        return torch.cat(ts), torch.cat(steps), torch.cat(bases)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y, rounded = self._once(x)
-        for _ in range(self.passes - 1):
-            y_res, r = self._once(x - rounded)
-            y, rounded = y + y_res, rounded + r
+        t, step, base = self._rounded(x)
+        m = x.shape[0]
+        if not bool((t.amax(-1) > t.amin(-1)).any()):  # no row spans the range: add one, so scale stays 1
+            pad = torch.tensor([[-64.0, 63.0] + [0.0] * (x.shape[1] - 2)])[:, : x.shape[1]]
+            z = torch.ops.quantized.linear_dynamic(torch.cat([t, pad]), self.packed, True)[:-1]
+        else:
+            z = torch.ops.quantized.linear_dynamic(t, self.packed, True)
+        y = z[:m] * step[:m] + base[:m] * self.rowsum
+        for p in range(1, self.passes):
+            rows = slice(p * m, (p + 1) * m)
+            y = y + (z[rows] * step[rows] + base[rows] * self.rowsum)
         return y
 
 
