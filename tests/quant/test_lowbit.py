@@ -273,13 +273,14 @@ needs_vnni = pytest.mark.skipif(not lowbit.available() or lowbit.extension().bes
 @needs_vnni
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("a_bits", [16, 8, 4])
-@pytest.mark.parametrize("n, k", [(5, 33), (7, 64), (9, 128), (13, 200), (6, 384), (66, 1024)])
+@pytest.mark.parametrize("n, k", [(5, 256), (7, 320), (9, 384), (13, 450), (6, 128), (66, 1024)])
 @pytest.mark.parametrize("tokens", [2, 8, 9, 10, 11, 17])
 def test_vnni_path_gives_the_avx2_paths_bits(bits, a_bits, n, k, tokens):
     """The AVX-512 VNNI tiles (4 rows x 4 rows of rounded activations, a last odd 32-byte block read
-    masked, row and token tails of 1-3; from lowbit.cpp's VNNI_MIN_ROWS = 8 rows on, below it the AVX2 path
-    runs) form the same integer sums as the AVX2 path: the outputs are equal, bit for bit. The shapes
-    cover K of one block, an odd number of blocks, and rows that are not a multiple of 4."""
+    masked, row and token tails of 1-3; from lowbit.cpp's VNNI_MIN_ROWS = 8 rows of activations and
+    VNNI_MIN_K = 256 on, below them the AVX2 path runs) form the same integer sums as the AVX2 path: the
+    outputs are equal, bit for bit. The shapes cover one pair of blocks, an odd number of blocks, padded
+    rows, and rows that are not a multiple of 4."""
     g = torch.Generator().manual_seed(bits * 1000 + n * k + tokens + a_bits)
     codes, scale, zero = random_codes(bits, n, k, g)
     x = torch.randn(tokens, k, generator=g) * 3

@@ -336,8 +336,12 @@ void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch:
 // The VNNI tiles take 4- and 2-bit rows from this many rows of rounded activations (tokens x passes) on:
 // below it the AVX2 path, one row at a time, streams the weights faster (one token, 4096x4096 layers
 // streamed from memory: 0.33 ms against 0.60 on the VNNI tiles; level at 4 rows, VNNI ahead from 8).
-// 8-bit rows always run on the AVX2 path (on the micro-VLAs' small buckets it was the faster one).
+// Nor do rows shorter than VNNI_MIN_K (the micro-VLAs' 128-wide layers): there the tile's 16 horizontal
+// sums cost about what its products do, and the AVX2 path was level or faster. 8-bit rows always run on
+// the AVX2 path: on VNNI tiles they were slower than it on small buckets and no faster than fbgemm on
+// large ones (bench/lowbit_tokens.py).
 constexpr int64_t VNNI_MIN_ROWS = 8;
+constexpr int64_t VNNI_MIN_K = 256;
 
 // The instruction set the integer products run on: 512 (AVX-512 VNNI) where the CPU has it, else 2 (AVX2).
 int64_t best_isa() {
@@ -383,7 +387,7 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
     }
   });
   auto d = torch::empty({passes * m, n}, x.options().dtype(torch::kInt32));
-  if (isa == 512 && bits != 8 && passes * m >= VNNI_MIN_ROWS) {
+  if (isa == 512 && bits != 8 && passes * m >= VNNI_MIN_ROWS && k >= VNNI_MIN_K) {
     auto qa = torch::empty_like(q);
     vnni_layout(qp, qa.data_ptr<int8_t>(), passes * m, k, bits);
     const auto fn = bits == 4 ? dot_tokens_vnni<4> : dot_tokens_vnni<2>;
