@@ -122,18 +122,27 @@ void dot_rows_of(const int8_t* q, int64_t k, const uint8_t* packed, int32_t* d, 
     dot_rows<Bits, TM>(q, k, packed, d, n, t0, r0, r1);
 }
 
+// The kernel for TM = 1..4 tokens over rows r0 .. r1 (index TM; the AVX2 rows or the VNNI tiles).
+using RowsFn = void (*)(const int8_t*, int64_t, const uint8_t*, int32_t*, int64_t, int64_t, int64_t, int64_t);
+
 template <int Bits>
-void dot_tokens(const int8_t* q, int64_t m, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t r0,
-                int64_t r1) {
-  const int64_t rows = std::max<int64_t>(1, ROW_BLOCK_BYTES / (k * Bits / 8));
+void over_row_blocks(const RowsFn (&by_tokens)[5], int64_t align, const int8_t* q, int64_t m, int64_t k,
+                     const uint8_t* packed, int32_t* d, int64_t n, int64_t r0, int64_t r1) {
+  const int64_t rows = std::max<int64_t>(align, ROW_BLOCK_BYTES / (k * Bits / 8) / align * align);
   for (int64_t b0 = r0; b0 < r1; b0 += rows) {
     const int64_t b1 = std::min(r1, b0 + rows);
     int64_t t0 = 0;
-    for (; t0 + 4 <= m; t0 += 4) dot_rows_of<Bits, 4>(q, k, packed, d, n, t0, b0, b1);
-    if (m - t0 == 3) dot_rows_of<Bits, 3>(q, k, packed, d, n, t0, b0, b1);
-    if (m - t0 == 2) dot_rows_of<Bits, 2>(q, k, packed, d, n, t0, b0, b1);
-    if (m - t0 == 1) dot_rows_of<Bits, 1>(q, k, packed, d, n, t0, b0, b1);
+    for (; t0 + 4 <= m; t0 += 4) by_tokens[4](q, k, packed, d, n, t0, b0, b1);
+    if (m > t0) by_tokens[m - t0](q, k, packed, d, n, t0, b0, b1);
   }
+}
+
+template <int Bits>
+void dot_tokens(const int8_t* q, int64_t m, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t r0,
+                int64_t r1) {
+  static constexpr RowsFn by_tokens[5] = {nullptr, dot_rows_of<Bits, 1>, dot_rows_of<Bits, 2>,
+                                          dot_rows_of<Bits, 3>, dot_rows_of<Bits, 4>};
+  over_row_blocks<Bits>(by_tokens, 1, q, m, k, packed, d, n, r0, r1);
 }
 
 
@@ -213,19 +222,13 @@ QVLA_AVX512 void rows_vnni(const int8_t* qa, int64_t k, const uint8_t* packed, i
   if (r1 - r == 1) tile_vnni<Bits, 1, TM>(qa, k, packed, d, n, t0, r);
 }
 
-// As dot_tokens: a block of rows stays in cache while every group of 4 tokens passes over it.
+// As dot_tokens, on whole tiles of 4 rows where the block allows.
 template <int Bits>
-QVLA_AVX512 void dot_tokens_vnni(const int8_t* qa, int64_t m, int64_t k, const uint8_t* packed, int32_t* d,
-                                 int64_t n, int64_t r0, int64_t r1) {
-  const int64_t rows = std::max<int64_t>(4, ROW_BLOCK_BYTES / (k * Bits / 8) / 4 * 4);
-  for (int64_t b0 = r0; b0 < r1; b0 += rows) {
-    const int64_t b1 = std::min(r1, b0 + rows);
-    int64_t t0 = 0;
-    for (; t0 + 4 <= m; t0 += 4) rows_vnni<Bits, 4>(qa, k, packed, d, n, t0, b0, b1);
-    if (m - t0 == 3) rows_vnni<Bits, 3>(qa, k, packed, d, n, t0, b0, b1);
-    if (m - t0 == 2) rows_vnni<Bits, 2>(qa, k, packed, d, n, t0, b0, b1);
-    if (m - t0 == 1) rows_vnni<Bits, 1>(qa, k, packed, d, n, t0, b0, b1);
-  }
+void dot_tokens_vnni(const int8_t* qa, int64_t m, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t r0,
+                     int64_t r1) {
+  static constexpr RowsFn by_tokens[5] = {nullptr, rows_vnni<Bits, 1>, rows_vnni<Bits, 2>, rows_vnni<Bits, 3>,
+                                          rows_vnni<Bits, 4>};
+  over_row_blocks<Bits>(by_tokens, 4, qa, m, k, packed, d, n, r0, r1);
 }
 
 // The rounded activations as the VNNI tiles read them (pair_layout), one row of q per token and pass.
