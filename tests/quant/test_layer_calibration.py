@@ -177,3 +177,55 @@ def test_guards(toy, toy_obs, sens):
     for method in ("qvla-gptq", "qvla-rot-gptq", "qvla-srot"):
         cfg = QuantConfig(method=method + "+lc")
         assert cfg.method == method and cfg.layer_calibrate
+
+
+def test_pruning_is_measured_and_priced_apart_from_rounding(toy, toy_obs, sens):
+    """+lcp: a layer that prunes is measured with only its rounding and with only its pruning; its 0-bit
+    column takes the pruning's ratio, the rest of its table the rounding's (both over the median rounding
+    ratio, action form), each a running maximum from 1."""
+    plans = [{"0": torch.tensor([2, 4, 0, 16]), "3": torch.tensor([0] * 12 + [4] * 4), "5": torch.full((6,), 4)},
+             {"0": torch.full((4,), 8), "3": torch.tensor([0] * 4 + [2] * 12), "5": torch.full((6,), 2)}]
+    seen = []
+
+    def allocate(s):
+        seen.append(s)
+        return plans[min(len(seen), 2) - 1]
+
+    out = L.calibrate_layers(toy, sens, allocate, toy_obs, "projected", rounds=1, batch_size=8, prune_apart=True)
+    first = out.meta["layer_calibration"]["history"][0]
+    assert set(first["truth_pruning"]) == {"0", "3"}  # the layers that prune, and only them
+    rounding, pruning = L.split_pruning(plans[0])
+    w1 = torch.ones(len(toy_obs)).double()
+    for n in ("0", "3"):  # each measured exactly as the split plans say
+        truth = L.layer_deviations(toy, S.batches(toy, toy_obs, 8), "action", {n: pruning[n]}, 16, w1)[n]
+        assert first["truth_pruning"][n] == pytest.approx(truth, rel=1e-6)
+    assert torch.equal(rounding["3"], torch.tensor([16] * 12 + [4] * 4))
+    unit = first["unit"]
+    col0 = S.SENS_BITS.index(0)
+    for n in sens.product:
+        s = max(1.0, first["truth"][n] / first["predicted"][n] / unit)
+        p = max(1.0, first["truth_pruning"][n] / first["predicted_pruning"][n] / unit) if n in pruning else 1.0
+        assert out.meta["layer_scale"][n] == pytest.approx(s, rel=1e-3)
+        assert out.meta["layer_prune_scale"][n] == pytest.approx(p, rel=1e-3)
+        keep = [i for i in range(len(S.SENS_BITS)) if i != col0]
+        assert torch.allclose(out.projected[n][:, keep], sens.projected[n][:, keep] * s, rtol=1e-3)
+        assert torch.allclose(out.projected[n][:, col0], sens.projected[n][:, col0] * p, rtol=1e-3)
+    assert out.meta["layer_calibration"]["prune_apart"] is True
+
+
+def test_lcp_suffix_prices_pruning_instead_of_the_role_rule():
+    """'+lcp' turns layer calibration on with pruning priced apart, and with it the default no-prune rule by
+    role (NO_PRUNE_BELOW) gives way; an explicit --no-prune still holds; +lc and +lcp do not combine."""
+    from qvla.quant.methods import NO_PRUNE_BELOW
+
+    below, roles = NO_PRUNE_BELOW[0]
+    plain = QuantConfig(method="qvla-gptq+lc", w_bits=below - 1)
+    priced = QuantConfig(method="qvla-gptq+lcp", w_bits=below - 1)
+    assert plain.no_prune == roles and plain.layer_calibrate and not plain.layer_calibrate_prune
+    assert priced.no_prune == () and priced.layer_calibrate and priced.layer_calibrate_prune
+    assert priced.method == "qvla-gptq"
+    assert QuantConfig(method="qvla+lcp", w_bits=3, no_prune=("llm",)).no_prune == ("llm",)
+    with pytest.raises(ValueError, match="two layer calibrations"):
+        QuantConfig(method="qvla+lc+lcp")
+    with pytest.raises(ValueError, match=r"\+lc rescales"):
+        QuantConfig(method="rtn+lcp")

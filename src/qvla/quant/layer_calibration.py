@@ -81,17 +81,36 @@ def predicted(table: dict[str, torch.Tensor], bits: dict[str, torch.Tensor]) -> 
             for n, b in bits.items()}
 
 
-def scaled(sens: Sensitivity, scale: dict[str, float]) -> Sensitivity:
-    """The sensitivity with every table of layer l multiplied by scale[l] (1 where absent)."""
+def scaled(sens: Sensitivity, scale: dict[str, float], prune_scale: dict[str, float] | None = None) -> Sensitivity:
+    """The sensitivity with every table of layer l multiplied by scale[l] (1 where absent); with prune_scale,
+    its 0-bit column by prune_scale[l] instead."""
+    def factor(n: str, t: torch.Tensor) -> torch.Tensor | float:
+        if prune_scale is None:
+            return scale.get(n, 1.0)
+        f = torch.full((t.shape[-1],), scale.get(n, 1.0), dtype=t.dtype)
+        f[SENS_BITS.index(0)] = prune_scale.get(n, 1.0)
+        return f
+
     def mul(tables):
-        return {n: t * scale.get(n, 1.0) for n, t in tables.items()}
-    return dataclasses.replace(sens, product=mul(sens.product), projected=mul(sens.projected),
-                               meta={**sens.meta, "layer_scale": {n: round(s, 4) for n, s in scale.items()}})
+        return {n: t * factor(n, t) for n, t in tables.items()}
+    meta = {**sens.meta, "layer_scale": {n: round(s, 4) for n, s in scale.items()}}
+    if prune_scale is not None:
+        meta["layer_prune_scale"] = {n: round(s, 4) for n, s in prune_scale.items()}
+    return dataclasses.replace(sens, product=mul(sens.product), projected=mul(sens.projected), meta=meta)
+
+
+def split_pruning(bits: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """-> (every layer with its pruned channels kept at 16 bits, the layers that prune with only their pruned
+    channels quantized): the plan's rounding and its pruning, to be measured apart."""
+    rounding = {n: torch.where(b == 0, torch.full_like(b, 16), b) for n, b in bits.items()}
+    pruning = {n: torch.where(b == 0, b, torch.full_like(b, 16)) for n, b in bits.items() if bool((b == 0).any())}
+    return rounding, pruning
 
 
 def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: list, table: str,
                      weights: torch.Tensor | None = None, rounds: int = ROUNDS, batch_size: int = 32,
-                     transforms: dict[str, dict[str, torch.Tensor]] | None = None, log=None) -> Sensitivity:
+                     transforms: dict[str, dict[str, torch.Tensor]] | None = None, log=None,
+                     prune_apart: bool = False) -> Sensitivity:
     """R rounds of allocate -> measure each quantized layer -> rescale its costs (see the module docstring).
 
     allocate_bits(sens) -> layer -> (C,) bits: the method's own allocation, so that layers are measured at the
@@ -99,7 +118,14 @@ def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: lis
     round's measured and predicted deviations, the last entry ("final") those of the allocation the returned
     costs give, which is the plan's when allocate_bits is the method's allocation. `transforms`: the layer
     transforms the sensitivities were measured on (rotation), given exactly when sens.meta["transforms"] names
-    some."""
+    some.
+
+    prune_apart ('+lcp'): a layer that prunes is measured twice, with only its rounding (pruned channels at 16
+    bits) and with only its pruning (the rest at 16 bits), and its 0-bit costs are rescaled by the second
+    ratio, the rest of its table by the first (the unit is the median rounding ratio). Cutting most of a
+    layer is far from a small perturbation while rounding it is not, so one scale per layer either
+    overprices its rounding or underprices its pruning. The history's "truth" / "predicted" are then the
+    rounding's, "truth_pruning" / "predicted_pruning" the pruning's."""
     if rounds < 1:
         raise ValueError(f"layer calibration needs at least one round, got {rounds}")
     if bool(sens.meta.get("transforms")) != bool(transforms):
@@ -113,16 +139,28 @@ def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: lis
     step_w = torch.ones(len(observations), dtype=torch.float64) if weights is None else weights.double()
     raw = getattr(sens, table)
     scale = {n: 1.0 for n in sens.product}
+    prune_scale = {n: 1.0 for n in sens.product} if prune_apart else None
     history, current = [], sens
     for r in range(rounds + 1):  # the last pass measures the allocation the final costs give: the plan's
         bits = allocate_bits(current)
-        truth = layer_deviations(policy, steps, form, bits, a_bits, step_w, transforms)
-        pred = predicted(raw, {n: bits[n] for n in truth})
+        rounding, pruning = split_pruning(bits) if prune_apart else (bits, {})
+        truth = layer_deviations(policy, steps, form, rounding, a_bits, step_w, transforms)
+        pred = predicted(raw, {n: rounding[n] for n in truth})
         ratio = {n: truth[n] / pred[n] for n in truth if pred[n] > 0}
         unit = float(np.median(list(ratio.values()))) if form == "action" and ratio else 1.0
         unit = unit if unit > 0 else 1.0  # most layers measured no deviation at all: compare with 1
-        history.append({"round": r, "final": r == rounds, "truth": truth, "predicted": pred, "unit": unit,
-                        "pruned": {n: int((bits[n] == 0).sum()) for n in truth}})
+        entry = {"round": r, "final": r == rounds, "truth": truth, "predicted": pred, "unit": unit,
+                 "pruned": {n: int((bits[n] == 0).sum()) for n in truth}}
+        prune_ratio = {}
+        if pruning:
+            truth0 = layer_deviations(policy, steps, form, pruning, a_bits, step_w, transforms)
+            pred0 = predicted(raw, {n: pruning[n] for n in truth0})
+            prune_ratio = {n: truth0[n] / pred0[n] for n in truth0 if pred0[n] > 0}
+            entry.update({"truth_pruning": truth0, "predicted_pruning": pred0})
+            if log:
+                log(f"  pruning measured apart in {len(truth0)} layers: measured/predicted "
+                    + ", ".join(f"{n} {q:.2f}" for n, q in sorted(prune_ratio.items(), key=lambda kv: -kv[1])[:3]))
+        history.append(entry)
         if log:
             worst = sorted(ratio, key=ratio.get, reverse=True)[:3]
             log(f"layer calibration {'final plan' if r == rounds else f'round {r + 1}/{rounds}'}: measured/predicted "
@@ -132,6 +170,9 @@ def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: lis
             break
         for n, q in ratio.items():
             scale[n] = max(scale[n], q / unit)
-        current = scaled(sens, scale)
-    current.meta["layer_calibration"] = {"rounds": rounds, "table": table, "history": history}
+        for n, q in prune_ratio.items():
+            prune_scale[n] = max(prune_scale[n], q / unit)
+        current = scaled(sens, scale, prune_scale)
+    current.meta["layer_calibration"] = {"rounds": rounds, "table": table, "history": history,
+                                         **({"prune_apart": True} if prune_apart else {})}
     return current

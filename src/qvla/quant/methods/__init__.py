@@ -12,7 +12,8 @@ from qvla.quant.primitives import BITS
 # suffixes: any method followed by a stage that refines its plan, applied in this order
 SUFFIXES = {"+ac": "act_clip",  # activation clipping ratios (activation_clip.py)
             "+bc": "bias_correct",  # bias correction (bias_correction.py)
-            "+lc": "layer_calibrate"}  # sensitivities rescaled per layer by measured deviation (layer_calibration.py)
+            "+lc": "layer_calibrate",  # sensitivities rescaled per layer by measured deviation (layer_calibration.py)
+            "+lcp": "layer_calibrate_prune"}  # +lc with each layer's pruning measured and priced apart from its rounding
 
 
 def split_method(name: str) -> tuple[str, set[str]]:
@@ -29,7 +30,8 @@ def split_method(name: str) -> tuple[str, set[str]]:
 # (forbidding it at 3 bits: +13.0 and +0.5 points on the token table's and the seed-1 episodes, +6.5 and
 # +9.0 with GPTQ on the min-max grid, -0.5 on the chunk policy; on the chunk policy at 2.5 and 2 bits -2.5
 # and -4.5, not significant: mixed evidence, see the README).
-# An explicit QuantConfig.no_prune (--no-prune, even empty) replaces it.
+# An explicit QuantConfig.no_prune (--no-prune, even empty) replaces it, and so does '+lcp', which measures
+# each layer's pruning apart from its rounding and prices it by what it measures.
 NO_PRUNE_BELOW: tuple[tuple[float, tuple[str, ...]], ...] = ((4.0, ("vision",)),)
 
 
@@ -52,14 +54,19 @@ class QuantConfig:
     act_clip: bool = False  # method "M+ac": M, then per-layer activation clipping ratios (A8 / A4)
     weighting: str = "steps"  # calibration steps weigh 1 each ("steps") or each episode weighs the same ("episode")
     layer_calibrate: bool = False  # method "M+lc": a QVLA method allocating from layer-calibrated sensitivities
+    layer_calibrate_prune: bool = False  # method "M+lcp": +lc with pruning and rounding calibrated apart
 
     def __post_init__(self) -> None:
-        if self.no_prune is None:
-            self.no_prune = next((roles for below, roles in NO_PRUNE_BELOW if self.w_bits < below), ())
-        self.no_prune = tuple(self.no_prune)
         self.method, suffixes = split_method(self.method)
         for s in suffixes:
             setattr(self, SUFFIXES[s], True)
+        if self.layer_calibrate and self.layer_calibrate_prune:
+            raise ValueError("+lc and +lcp are two layer calibrations; give one")
+        self.layer_calibrate = self.layer_calibrate or self.layer_calibrate_prune
+        if self.no_prune is None:  # +lcp prices pruning by measurement instead of the rule by role
+            rule = next((roles for below, roles in NO_PRUNE_BELOW if self.w_bits < below), ())
+            self.no_prune = () if self.layer_calibrate_prune else rule
+        self.no_prune = tuple(self.no_prune)
         if self.act_clip and self.a_bits >= 16:
             raise ValueError(f"activation clipping ({self.method}+ac) needs --a-bits 8 or 4, got {self.a_bits}")
         if self.method not in METHODS:
