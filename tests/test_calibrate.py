@@ -253,3 +253,31 @@ def test_a_manifest_without_its_observations_is_refused_with_the_command_that_re
     with pytest.raises(FileNotFoundError, match="lacks 1 of its 1 observation files .*qvla calibrate --policy "
                                                 "microvla-chunk --episodes 1"):
         load_calibration(tmp_path, "mt10")
+
+
+def test_a_quantized_checkpoint_can_act_for_its_policy(chunk_ckpt, save_random_checkpoint, tmp_path, monkeypatch):
+    """`qvla calibrate --acting Q`: the quantized checkpoint Q of the policy acts (its states), the manifest
+    names the policy (whose sensitivities are measured on them) and records Q; a checkpoint that is not a
+    quantized version of the policy is refused."""
+    from qvla.policies import load_policy
+
+    q = quantize(str(chunk_ckpt), QuantConfig(method="rtn", w_bits=4), None, tmp_path / "q")
+    acted = []
+    real_load = load_policy
+
+    def spy(path, *a, **k):
+        acted.append(str(path))
+        return real_load(path, *a, **k)
+
+    monkeypatch.setattr("qvla.policies.load_policy", spy)
+    manifest = collect(str(chunk_ckpt), "mt10", 1, tmp_path / "c", acting=str(q))
+    assert acted[0] == str(q)  # the quantized checkpoint is the one rolled out
+    assert manifest["weights_sha256"] == sha256(chunk_ckpt / WEIGHTS)
+    assert manifest["acted_by"]["weights_sha256"] == sha256(q / WEIGHTS)
+    assert manifest["acted_by"]["method"] == "rtn" and manifest["acted_by"]["w_bits"] == 4
+    load_calibration(tmp_path / "c")  # and the policy's own pipeline takes it
+    quantize(str(chunk_ckpt), QuantConfig(method="qvla", w_bits=8, no_prune=()), tmp_path / "c", tmp_path / "q8")
+    other = save_random_checkpoint("microvla-chunk", tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="is not a quantized checkpoint of"):
+        collect(str(chunk_ckpt), "mt10", 1, tmp_path / "c2", acting=str(other))
+    assert not (tmp_path / "c2").exists()

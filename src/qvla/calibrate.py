@@ -3,7 +3,8 @@ acted on stored, so that sensitivities are measured on the states the policy rea
 the whole episode, one entry per policy call).
 
 Format (one directory): manifest.json {"format": "qvla-calib/1", "suite", "seed", "policy", "checkpoint",
-"weights_sha256", "episodes": [{"file", "id", "task", "instruction", "calls", "success"}]} and
+"weights_sha256", "episodes": [{"file", "id", "task", "instruction", "calls", "success", "sha256"}], and
+"acted_by" where a quantized checkpoint of the policy acted (`qvla calibrate --acting`)} and
 episodes/<k>.npz with "<camera>" (T, H, W, 3) uint8 and "proprio" (T, 4) float32, T = policy calls.
 """
 from __future__ import annotations
@@ -25,16 +26,38 @@ from qvla.evaluate import rollout
 FORMAT = "qvla-calib/1"
 
 
+def acting_policy(path: Path, acting: str | None) -> tuple[Path, dict | None]:
+    """-> (the checkpoint that acts, its record for the manifest or None): `acting` must be a quantized
+    checkpoint made from the policy at `path`, whose sensitivities the episodes will then be used for."""
+    from qvla.policies import resolve
+
+    if acting is None:
+        return path, None
+    act = resolve(acting)
+    quant = json.loads((act / "config.json").read_text()).get("quantization")
+    if quant is None or quant.get("source_weights_sha256") != sha256(path / WEIGHTS):
+        raise ValueError(f"--acting {act} is not a quantized checkpoint of {path} (its source weights differ)")
+    return act, {"checkpoint": str(act), "weights_sha256": sha256(act / WEIGHTS), "method": quant.get("method"),
+                 "w_bits": quant.get("w_bits"), "a_bits": quant.get("a_bits")}
+
+
 @stage_mode()
-def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: int = 0) -> dict:
-    """Rolls out the policy on `episodes` calibration episodes spread round-robin over the suite's tasks."""
+def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: int = 0,
+            acting: str | None = None) -> dict:
+    """Rolls out the policy on `episodes` calibration episodes spread round-robin over the suite's tasks.
+
+    acting: a quantized checkpoint of the policy that acts instead, so that the observations are the states
+    the quantized policy reaches (its errors compound there); the manifest still names the policy, whose
+    sensitivities are measured on them, and records the acting checkpoint as "acted_by"."""
     from qvla.policies import load_policy, resolve
 
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     torch.set_num_threads(1)  # the same observations as an evaluation worker would see
     path = resolve(policy_ref)
-    policy = load_policy(path)
+    act_path, acted_by = acting_policy(path, acting)
+    policy = load_policy(act_path)
+    name = load_policy(path).name if acted_by else policy.name
     s = get_suite(suite)
     per_task = -(-episodes // len(s.tasks))
     by_task = s.episodes("calib", per_task, seed)
@@ -53,8 +76,9 @@ def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: i
                 entries.append({"file": f"episodes/{k:04d}.npz", "id": spec.id, "task": spec.task,
                                 "instruction": seen[0].instruction, "calls": len(seen), "success": rec["success"],
                                 "sha256": observation_digest(arrays)})
-            manifest = {"format": FORMAT, "suite": suite, "seed": seed, "policy": policy.name,
-                        "checkpoint": str(path), "weights_sha256": sha256(path / WEIGHTS), "episodes": entries}
+            manifest = {"format": FORMAT, "suite": suite, "seed": seed, "policy": name,
+                        "checkpoint": str(path), "weights_sha256": sha256(path / WEIGHTS), "episodes": entries,
+                        **({"acted_by": acted_by} if acted_by else {})}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     finally:
         env.close()
@@ -75,8 +99,8 @@ def load_calibration(path: str | Path, suite: str | None = None) -> tuple[dict, 
     if missing:  # the manifest is kept in git, the observations are not: regenerate them (deterministic)
         raise FileNotFoundError(f"{path} lacks {len(missing)} of its {len(manifest['episodes'])} observation files "
                                 f"(e.g. {missing[0]}); regenerate them with 'qvla calibrate --policy "
-                                f"{manifest['policy']} --episodes {len(manifest['episodes'])} --out {path}' "
-                                f"into an empty directory")
+                                f"{manifest['policy']} --episodes {len(manifest['episodes'])}{_acting_arg(manifest)} "
+                                f"--out {path}' into an empty directory")
     observations = []
     for e in manifest["episodes"]:
         with np.load(path / e["file"], allow_pickle=False) as z:
@@ -87,6 +111,10 @@ def load_calibration(path: str | Path, suite: str | None = None) -> tuple[dict, 
             observations.append(Observation({c: arrays[c][t] for c in cams}, arrays["proprio"][t],
                                             e["instruction"], e["task"], {"episode": e["id"], "t": t}))
     return manifest, observations
+
+
+def _acting_arg(manifest: dict) -> str:
+    return f" --acting {manifest['acted_by']['checkpoint']}" if "acted_by" in manifest else ""
 
 
 def observation_digest(arrays: dict[str, np.ndarray]) -> str:

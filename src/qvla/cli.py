@@ -68,7 +68,7 @@ def _bench(a: argparse.Namespace) -> None:
 def _calibrate(a: argparse.Namespace) -> None:
     from qvla.calibrate import collect
 
-    m = collect(a.policy, a.suite, a.episodes, a.out, a.seed)
+    m = collect(a.policy, a.suite, a.episodes, a.out, a.seed, acting=a.acting)
     calls = sum(e["calls"] for e in m["episodes"])
     print(f"{len(m['episodes'])} calibration episodes, {calls} policy calls -> {a.out}")
 
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--suite", default="mt10")
     c.add_argument("--episodes", type=int, default=10)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--acting", default=None, metavar="CKPT",
+                   help="a quantized checkpoint of --policy acts instead: its states, the policy's sensitivities")
     c.add_argument("--out", required=True)
     c.set_defaults(func=_calibrate)
 
