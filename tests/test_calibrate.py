@@ -271,7 +271,8 @@ def test_a_quantized_checkpoint_can_act_for_its_policy(chunk_ckpt, save_random_c
 
     monkeypatch.setattr("qvla.policies.load_policy", spy)
     manifest = collect(str(chunk_ckpt), "mt10", 1, tmp_path / "c", acting=str(q))
-    assert acted[0] == str(q)  # the quantized checkpoint is the one rolled out
+    assert acted == [str(q)]  # the quantized checkpoint is the one rolled out (and the only one loaded)
+    assert manifest["policy"] == real_load(chunk_ckpt).name
     assert manifest["weights_sha256"] == sha256(chunk_ckpt / WEIGHTS)
     assert manifest["acted_by"]["weights_sha256"] == sha256(q / WEIGHTS)
     assert manifest["acted_by"]["method"] == "rtn" and manifest["acted_by"]["w_bits"] == 4

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from qvla.atomic import atomic_directory
-from qvla.checkpoint import WEIGHTS, sha256
+from qvla.checkpoint import WEIGHTS, read_meta, sha256
 from qvla.cpu_mode import stage_mode
 from qvla.envs import Observation, get_suite
 from qvla.evaluate import rollout
@@ -26,16 +26,17 @@ from qvla.evaluate import rollout
 FORMAT = "qvla-calib/1"
 
 
-def acting_policy(path: Path, acting: str | None) -> tuple[Path, dict | None]:
+def acting_policy(path: Path, weights: str, acting: str | None) -> tuple[Path, dict | None]:
     """-> (the checkpoint that acts, its record for the manifest or None): `acting` must be a quantized
-    checkpoint made from the policy at `path`, whose sensitivities the episodes will then be used for."""
+    checkpoint made from the policy at `path` (whose weights hash to `weights`), whose sensitivities the
+    episodes will then be used for."""
     from qvla.policies import resolve
 
     if acting is None:
         return path, None
     act = resolve(acting)
-    quant = json.loads((act / "config.json").read_text()).get("quantization")
-    if quant is None or quant.get("source_weights_sha256") != sha256(path / WEIGHTS):
+    quant = read_meta(act).get("quantization")
+    if quant is None or quant.get("source_weights_sha256") != weights:
         raise ValueError(f"--acting {act} is not a quantized checkpoint of {path} (its source weights differ)")
     return act, {"checkpoint": str(act), "weights_sha256": sha256(act / WEIGHTS), "method": quant.get("method"),
                  "w_bits": quant.get("w_bits"), "a_bits": quant.get("a_bits")}
@@ -55,9 +56,10 @@ def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: i
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     torch.set_num_threads(1)  # the same observations as an evaluation worker would see
     path = resolve(policy_ref)
-    act_path, acted_by = acting_policy(path, acting)
+    weights = sha256(path / WEIGHTS)
+    act_path, acted_by = acting_policy(path, weights, acting)
     policy = load_policy(act_path)
-    name = load_policy(path).name if acted_by else policy.name
+    name = read_meta(path).get("policy", str(path)) if acted_by else policy.name  # the name load_policy gives
     s = get_suite(suite)
     per_task = -(-episodes // len(s.tasks))
     by_task = s.episodes("calib", per_task, seed)
@@ -77,7 +79,7 @@ def collect(policy_ref: str, suite: str, episodes: int, out: str | Path, seed: i
                                 "instruction": seen[0].instruction, "calls": len(seen), "success": rec["success"],
                                 "sha256": observation_digest(arrays)})
             manifest = {"format": FORMAT, "suite": suite, "seed": seed, "policy": name,
-                        "checkpoint": str(path), "weights_sha256": sha256(path / WEIGHTS), "episodes": entries,
+                        "checkpoint": str(path), "weights_sha256": weights, "episodes": entries,
                         **({"acted_by": acted_by} if acted_by else {})}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     finally:
@@ -98,9 +100,8 @@ def load_calibration(path: str | Path, suite: str | None = None) -> tuple[dict, 
     missing = [e["file"] for e in manifest["episodes"] if not (path / e["file"]).is_file()]
     if missing:  # the manifest is kept in git, the observations are not: regenerate them (deterministic)
         raise FileNotFoundError(f"{path} lacks {len(missing)} of its {len(manifest['episodes'])} observation files "
-                                f"(e.g. {missing[0]}); regenerate them with 'qvla calibrate --policy "
-                                f"{manifest['policy']} --episodes {len(manifest['episodes'])}{_acting_arg(manifest)} "
-                                f"--out {path}' into an empty directory")
+                                f"(e.g. {missing[0]}); regenerate them with '{collect_command(manifest, path)}' "
+                                f"into an empty directory")
     observations = []
     for e in manifest["episodes"]:
         with np.load(path / e["file"], allow_pickle=False) as z:
@@ -113,8 +114,10 @@ def load_calibration(path: str | Path, suite: str | None = None) -> tuple[dict, 
     return manifest, observations
 
 
-def _acting_arg(manifest: dict) -> str:
-    return f" --acting {manifest['acted_by']['checkpoint']}" if "acted_by" in manifest else ""
+def collect_command(manifest: dict, out: str | Path) -> str:
+    """The `qvla calibrate` command that collects the manifest's episodes into `out`."""
+    acting = f" --acting {manifest['acted_by']['checkpoint']}" if "acted_by" in manifest else ""
+    return f"qvla calibrate --policy {manifest['policy']} --episodes {len(manifest['episodes'])}{acting} --out {out}"
 
 
 def observation_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -133,5 +136,4 @@ def check_digest(arrays: dict[str, np.ndarray], entry: dict, path: Path, manifes
     if "sha256" in entry and (found := observation_digest(arrays)) != entry["sha256"]:
         raise ValueError(f"{path / entry['file']} holds other observations than its manifest recorded (sha256 "
                          f"{found[:12]}, recorded {entry['sha256'][:12]}): regenerated on another machine or by "
-                         f"other code; collect a new directory with 'qvla calibrate --policy {manifest['policy']} "
-                         f"--episodes {len(manifest['episodes'])} --out NEW'")
+                         f"other code; collect a new directory with '{collect_command(manifest, 'NEW')}'")

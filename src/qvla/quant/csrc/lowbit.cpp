@@ -169,44 +169,44 @@ void pair_layout(const int8_t* q, int8_t* out, int64_t k) {
   if (blocks % 2) std::memcpy(out + pairs * 2 * cpb, q + pairs * 2 * cpb, cpb);
 }
 
+// The fields of one load of codes per row (v[r]: a pair of 32-byte blocks, or, Half, the last, odd block
+// in the low half with zeros above, whose products are 0), each times TM tokens' activations: field i of
+// token t at a + t * k + 64 i (a pair, in pair_layout) or + 32 i (the odd block, its low 32 bytes read).
+template <int Bits, int RM, int TM, bool Half>
+QVLA_AVX512 inline __attribute__((always_inline)) void fields_vnni(const __m512i (&v)[RM], const int8_t* a,
+                                                                   int64_t k, __m512i (&acc)[RM][TM]) {
+  const __m512i mask = _mm512_set1_epi8((1 << Bits) - 1);
+#pragma GCC unroll 4
+  for (int i = 0; i < 8 / Bits; ++i) {
+    __m512i c[RM];
+    for (int r = 0; r < RM; ++r) c[r] = _mm512_and_si512(_mm512_srli_epi16(v[r], Bits * i), mask);
+    for (int t = 0; t < TM; ++t) {
+      const __m512i x = Half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, a + t * k + 32 * i)
+                             : _mm512_loadu_si512(a + t * k + 64 * i);
+      for (int r = 0; r < RM; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], c[r], x);
+    }
+  }
+}
+
 // D[t, r] for RM rows x TM tokens at 4 and 2 bits: codes are the unsigned operand, activations (in
 // pair_layout) the signed one. A lane sums at most K/16 products of (2^Bits - 1) * 127: no overflow for
 // K < 2^20.
 template <int Bits, int RM, int TM>
 QVLA_AVX512 void tile_vnni(const int8_t* qa, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t t0,
                            int64_t r0) {
-  constexpr int fields = 8 / Bits;
   constexpr int64_t cpb = codes_per_block<Bits>();
   const int64_t blocks = k / cpb, pairs = blocks / 2, row_bytes = blocks * 32;
-  const __m512i mask = _mm512_set1_epi8((1 << Bits) - 1);
-  __m512i acc[RM][TM];
+  __m512i acc[RM][TM], v[RM];
   for (int r = 0; r < RM; ++r)
     for (int t = 0; t < TM; ++t) acc[r][t] = _mm512_setzero_si512();
   for (int64_t p = 0; p < pairs; ++p) {
-    __m512i v[RM];
     for (int r = 0; r < RM; ++r) v[r] = _mm512_loadu_si512(packed + (r0 + r) * row_bytes + p * 64);
-#pragma GCC unroll 4
-    for (int i = 0; i < fields; ++i) {
-      __m512i c[RM];
-      for (int r = 0; r < RM; ++r) c[r] = _mm512_and_si512(_mm512_srli_epi16(v[r], Bits * i), mask);
-      for (int t = 0; t < TM; ++t) {
-        const __m512i a = _mm512_loadu_si512(qa + (t0 + t) * k + p * 2 * cpb + 64 * i);
-        for (int r = 0; r < RM; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], c[r], a);
-      }
-    }
+    fields_vnni<Bits, RM, TM, false>(v, qa + t0 * k + p * 2 * cpb, k, acc);
   }
-  if (blocks % 2) {  // the last block: 32 bytes of codes in the low half, zeros above (their products are 0)
-    const __mmask64 low = 0xFFFFFFFFull;
-    __m512i v[RM];
-    for (int r = 0; r < RM; ++r) v[r] = _mm512_maskz_loadu_epi8(low, packed + (r0 + r) * row_bytes + pairs * 64);
-    for (int i = 0; i < fields; ++i) {
-      __m512i c[RM];
-      for (int r = 0; r < RM; ++r) c[r] = _mm512_and_si512(_mm512_srli_epi16(v[r], Bits * i), mask);
-      for (int t = 0; t < TM; ++t) {
-        const __m512i a = _mm512_maskz_loadu_epi8(low, qa + (t0 + t) * k + pairs * 2 * cpb + 32 * i);
-        for (int r = 0; r < RM; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], c[r], a);
-      }
-    }
+  if (blocks % 2) {  // the last block: 32 bytes of codes, read masked
+    for (int r = 0; r < RM; ++r)
+      v[r] = _mm512_maskz_loadu_epi8(0xFFFFFFFFull, packed + (r0 + r) * row_bytes + pairs * 64);
+    fields_vnni<Bits, RM, TM, true>(v, qa + t0 * k + pairs * 2 * cpb, k, acc);
   }
   for (int r = 0; r < RM; ++r)
     for (int t = 0; t < TM; ++t) d[(t0 + t) * n + r0 + r] = _mm512_reduce_add_epi32(acc[r][t]);
@@ -390,20 +390,19 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
     }
   });
   auto d = torch::empty({passes * m, n}, x.options().dtype(torch::kInt32));
+  // the VNNI tiles read the activations re-laid (vnni_layout); the AVX2 rows read q as rounded
+  auto fn = bits == 8 ? dot_tokens<8> : bits == 4 ? dot_tokens<4> : dot_tokens<2>;
+  const int8_t* qrows = qp;
+  torch::Tensor qa;
   if (isa == 512 && bits != 8 && passes * m >= VNNI_MIN_ROWS && k >= VNNI_MIN_K) {
-    auto qa = torch::empty_like(q);
+    qa = torch::empty_like(q);
     vnni_layout(qp, qa.data_ptr<int8_t>(), passes * m, k, bits);
-    const auto fn = bits == 4 ? dot_tokens_vnni<4> : dot_tokens_vnni<2>;
-    const int8_t* qap = qa.data_ptr<int8_t>();
-    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-      fn(qap, passes * m, k, packed.data_ptr<uint8_t>(), d.data_ptr<int32_t>(), n, r0, r1);
-    });
-  } else {
-    const auto fn = bits == 8 ? dot_tokens<8> : bits == 4 ? dot_tokens<4> : dot_tokens<2>;
-    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-      fn(qp, passes * m, k, packed.data_ptr<uint8_t>(), d.data_ptr<int32_t>(), n, r0, r1);
-    });
+    fn = bits == 4 ? dot_tokens_vnni<4> : dot_tokens_vnni<2>;
+    qrows = qa.data_ptr<int8_t>();
   }
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    fn(qrows, passes * m, k, packed.data_ptr<uint8_t>(), d.data_ptr<int32_t>(), n, r0, r1);
+  });
   auto y = torch::empty({m, n}, x.options());
   const int32_t* dp = d.data_ptr<int32_t>();
   const float *sc = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
