@@ -36,11 +36,12 @@ def cpu_name() -> str:
 
 
 def device_info(threads: int) -> dict:
-    from qvla.quant import lowbit
+    from qvla.quant import kernels, lowbit
 
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
             "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "lowbit_kernel": f"qvla-lowbit ({lowbit.isa()})" if lowbit.available() else "torch int4 (bf16)"}
+            "lowbit_kernel": f"qvla-lowbit ({lowbit.isa()})" if lowbit.available() else "torch int4 (bf16)",
+            "int8_gemm": kernels.int8_gemm()}
 
 
 def fixed_observation(policy, seed: int = 0) -> Observation:

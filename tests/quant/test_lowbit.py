@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvla.quant import lowbit
-from qvla.quant.kernels import SMALL_INT8_WEIGHTS, Int4Kernel, Int8Kernel, LowBitKernel, build_kernel
+from qvla.quant.kernels import (INT8_GEMMS, SMALL_INT8_WEIGHTS, Int4Kernel, Int8Kernel, LowBitKernel, _onednn_int8,
+                                build_kernel, int8_gemm)
 
 
 def random_codes(bits: int, n: int, k: int, g: torch.Generator):
@@ -325,20 +326,47 @@ def test_isa_refuses_an_unknown_or_missing_instruction_set(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("gemm", sorted(INT8_GEMMS))
 @pytest.mark.parametrize("passes", [1, 2])
-def test_fbgemm_inputs_rounded_by_the_extension_match_the_torch_fallback(passes, monkeypatch):
-    """Int8Kernel rounds fbgemm's per-token 7-bit input with the extension (one sweep per pass) where it is
+def test_int8_gemm_inputs_rounded_by_the_extension_match_the_torch_fallback(passes, gemm, monkeypatch):
+    """Int8Kernel rounds its GEMM's per-token 7-bit input with the extension (one sweep per pass) where it is
     built and with torch ops elsewhere: the same arithmetic, so the same codes on the first pass and the
     same output up to float rounding of the residual (the compiler may fuse its multiply-add)."""
+    if gemm == "onednn" and not _onednn_int8():
+        pytest.skip("this torch has no oneDNN int8 linear")
     g = torch.Generator().manual_seed(passes)
     codes, scale = torch.randint(-127, 128, (40, 300), generator=g), torch.rand(40, generator=g) * 0.01
-    kern = Int8Kernel(codes, scale, passes=passes)
+    kern = Int8Kernel(codes, scale, passes=passes, gemm=gemm)
     x = torch.randn(9, 300, generator=g) * torch.rand(1, 300, generator=g) * 3
     t_ext, step_ext, _ = kern._rounded(x)
     y_ext = kern(x)
     monkeypatch.setattr(lowbit, "available", lambda: False)
     t_torch, step_torch, _ = kern._rounded(x)
     y_torch = kern(x)
+    assert t_ext.dtype == t_torch.dtype == (torch.uint8 if gemm == "onednn" else torch.float32)
     assert torch.equal(t_ext[:9], t_torch[:9]) and torch.equal(step_ext[:9], step_torch[:9])
-    assert t_ext.abs().max() <= 64 and t_ext.shape == (passes * 9, 300)
+    t = t_ext.float() - (64 if gemm == "onednn" else 0)
+    assert t.min() >= -64 and t.max() <= 63 and t.shape == (passes * 9, 300)
     assert ((y_ext - y_torch).norm() / y_torch.norm()).item() < 1e-5
+
+
+@pytest.mark.skipif(not _onednn_int8(), reason="this torch has no oneDNN int8 linear")
+@pytest.mark.parametrize("passes", [1, 2])
+def test_onednn_and_fbgemm_give_the_same_int8_output(passes):
+    """Both GEMMs get the same integers and compute W t exactly: one output, whichever runs (also for a
+    batch in which no token spans the range, where fbgemm needs a padding row)."""
+    g = torch.Generator().manual_seed(10 + passes)
+    codes, scale = torch.randint(-127, 128, (70, 520), generator=g), torch.rand(70, generator=g) * 0.01
+    for x in (torch.randn(13, 520, generator=g) * 4, torch.full((2, 520), 0.5)):
+        y = {gemm: Int8Kernel(codes, scale, passes=passes, gemm=gemm)(x) for gemm in INT8_GEMMS}
+        assert torch.equal(y["onednn"], y["fbgemm"])
+        ref = x @ (codes.float() * scale[:, None]).t()
+        assert (y["onednn"] - ref).norm() / ref.norm() < (0.03 if passes == 1 else 1e-3)  # 7 / ~14 bits
+
+
+def test_int8_gemm_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("QVLA_INT8_GEMM", "cublas")
+    with pytest.raises(ValueError, match="QVLA_INT8_GEMM must be one of"):
+        int8_gemm()
+    monkeypatch.setenv("QVLA_INT8_GEMM", "fbgemm")
+    assert int8_gemm() == "fbgemm" and Int8Kernel(torch.ones(2, 8), torch.ones(2)).name == "fbgemm-int8"

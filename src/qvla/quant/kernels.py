@@ -6,7 +6,7 @@ reports the bytes it holds, and maps (M, K) float32 activations to (M, rows) flo
 | bucket  | kernel                                                  | held in memory        | activations |
 |---------|---------------------------------------------------------|-----------------------|-------------|
 | 8 bits  | qvla's AVX2/VNNI kernel (lowbit.py) for buckets of up to SMALL_INT8_WEIGHTS weights | int8 + fp32 scale | the plan's grid (A8, A4); int8 x 2 passes (A16) |
-| 8 bits  | else fbgemm dynamic int8 GEMM (torch.ops.quantized)      | int8 + fp32 scale     | 7-bit per token (see Int8Kernel) |
+| 8 bits  | else torch's oneDNN (or fbgemm) int8 GEMM              | int8 + fp32 scale     | 7-bit per token (see Int8Kernel) |
 | 4, 2    | qvla's AVX2/VNNI low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | the plan's grid (A8, A4); int8 x 2 passes (A16) |
 | 4, 2    | else torch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu) | 4 bits + bf16 scale/zero per group | bf16 |
 | 16      | float GEMM on fp16-stored rows, upcast per call          | fp16                  | fp32 |
@@ -19,16 +19,18 @@ kernel (4-bit values are exact int8 values up to the kernel's own rounding).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from qvla.quant import lowbit
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel accepts
-# 8-bit buckets up to this many weights run on qvla's kernel, larger ones on fbgemm's. fbgemm costs a fixed
-# ~0.12 ms a call here (AMD EPYC, 2 threads), qvla's kernel 0.005 ms on a 384x128 bucket at one token, and
-# still less at 256 tokens; on a 4096x4096 layer the two tie at one token (both stream the int8 rows at
-# memory speed) and fbgemm is ~1.4x faster from 48 tokens (bench/lowbit_tokens.py).
+# 8-bit buckets up to this many weights run on qvla's kernel, larger ones on the int8 GEMM (int8_gemm()). fbgemm
+# and oneDNN cost a fixed ~0.08-0.12 ms a call here (AMD EPYC, 2 threads), qvla's kernel 0.005 ms on a 384x128
+# bucket at one token, and still less at 256 tokens; on a 4096x4096 layer they tie at one token (all stream
+# the int8 rows at memory speed) and the GEMMs are ~1.4x faster from 48 tokens (bench/lowbit_tokens.py).
 SMALL_INT8_WEIGHTS = 1 << 20
 
 
@@ -36,31 +38,88 @@ def _ceil(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-class Int8Kernel:
-    """fbgemm's dynamic int8 GEMM, fed integers so that its own rounding is exact.
+def _onednn_int8() -> bool:
+    """torch's oneDNN int8 linear (the op behind its x86 quantization backend) is there to call."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
-    The fbgemm kernel quantizes its input per tensor (uint8, reduced to 7 bits, which avoids int16
-    overflow in its multiply-add on AVX2): used as is, it loses 10-15 dB of output SQNR on a
-    transformer MLP here. We quantize each token ourselves to 128 levels between its own min and max,
-    j = round((x - lo) / step), and hand the kernel t = j - 64. Every non-constant token then spans
-    [-64, 63], the kernel picks scale 1 and zero point 64, and computes W t exactly; we map back with
-    y = step * (W t) + (lo + 64 step) * rowsum(W). That is per-token asymmetric 7-bit quantization,
-    about 6 dB short of the simulated symmetric 8-bit one. With `passes=2` (A16 settings) the rounding
-    residual takes a second pass: ~14-bit activations for twice the kernel time.
-    """
 
-    name = "fbgemm-int8"
-    rounds_input = False  # takes activations already rounded to the plan's grid
-    LEVELS = 127  # steps between a token's min and max: 128 codes, the kernel's reduced range
+def int8_gemm() -> str:
+    """The int8 GEMM Int8Kernel runs: "onednn" where torch has it, else "fbgemm"; QVLA_INT8_GEMM picks one.
+    Measured at 276 tokens (AMD EPYC with AVX-512 VNNI, 2 threads): oneDNN 12.6 / 29.3 ms, fbgemm 14.4 /
+    38.6 ms on 4096x4096 / 4096x11008 (bench/lowbit_tokens.py); level at one token."""
+    want = os.environ.get("QVLA_INT8_GEMM")
+    if want is None:
+        return "onednn" if _onednn_int8() else "fbgemm"
+    if want not in INT8_GEMMS:
+        raise ValueError(f"QVLA_INT8_GEMM must be one of {sorted(INT8_GEMMS)}, got {want!r}")
+    if want == "onednn" and not _onednn_int8():
+        raise RuntimeError("QVLA_INT8_GEMM=onednn, but this torch has no oneDNN int8 linear")
+    return want
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, passes: int = 1) -> None:
+
+class _Fbgemm:
+    """fbgemm's dynamic int8 linear: quantizes its float input per tensor (uint8, reduced to 7 bits, which
+    avoids int16 overflow in its multiply-add on AVX2); fed integers t in [-64, 63] it picks scale 1 and
+    zero point 64, so its rounding is exact."""
+
+    u8 = False  # takes float t
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
         n = codes.shape[0]
-        self.passes = passes
         qw = torch._make_per_channel_quantized_tensor(codes.to(torch.int8), scale.double(),
                                                       torch.zeros(n, dtype=torch.long), 0)
         self.packed = torch.ops.quantized.linear_prepack(qw, None)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if not bool((t.amax(-1) > t.amin(-1)).any()):  # no row spans the range: add one, so scale stays 1
+            pad = torch.tensor([[-64.0, 63.0] + [0.0] * (t.shape[1] - 2)])[:, : t.shape[1]]
+            return torch.ops.quantized.linear_dynamic(torch.cat([t, pad]), self.packed, True)[:-1]
+        return torch.ops.quantized.linear_dynamic(t, self.packed, True)
+
+
+class _OneDnn:
+    """oneDNN's int8 linear on uint8 input with a given scale and zero point: fed u = t + 64 with scale 1
+    and zero point 64 it computes scale_n * (W t) in integers. 7-bit u keeps a u8 x s8 pair sum inside int16
+    (127 * 128 * 2 < 2^15), so the result is exact on CPUs without VNNI too."""
+
+    u8 = True  # takes uint8 t + 64
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        n = codes.shape[0]
+        self.packed = torch.ops.onednn.qlinear_prepack(codes.to(torch.int8).contiguous(), None)
+        self.scale, self.zero = scale.float().contiguous(), torch.zeros(n, dtype=torch.long)
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise(u, 1.0, 64, self.packed, self.scale, self.zero, None, 1.0, 0,
+                                                  torch.float32, "none", [], "")
+
+
+INT8_GEMMS = {"onednn": _OneDnn, "fbgemm": _Fbgemm}
+
+
+class Int8Kernel:
+    """An int8 GEMM (oneDNN's or fbgemm's, see int8_gemm()) fed integers so that its own rounding is exact.
+
+    fbgemm quantizes its input per tensor (uint8, reduced to 7 bits): used as is, it loses 10-15 dB of
+    output SQNR on a transformer MLP here. We quantize each token ourselves to 128 levels between its own
+    min and max, j = round((x - lo) / step), and hand the GEMM t = j - 64 (fbgemm, which then picks scale 1
+    and zero point 64) or j itself with zero point 64 (oneDNN): either computes W t exactly; we map back with
+    y = step * (W t) + (lo + 64 step) * rowsum(W). That is per-token asymmetric 7-bit quantization,
+    about 6 dB short of the simulated symmetric 8-bit one, and the same numbers on either GEMM. With
+    `passes=2` (A16 settings) the rounding residual takes a second pass: ~14-bit activations for twice the
+    GEMM time.
+    """
+
+    rounds_input = False  # takes activations already rounded to the plan's grid
+    LEVELS = 127  # steps between a token's min and max: 128 codes, the kernel's reduced range
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, passes: int = 1, gemm: str | None = None) -> None:
+        self.passes = passes
+        self.gemm = gemm or int8_gemm()
+        self.name = f"{self.gemm}-int8"
+        self.mm = INT8_GEMMS[self.gemm](codes, scale)
         self.rowsum = codes.float().sum(1) * scale
-        self.nbytes = codes.numel() + 8 * n  # codes + fp32 scale + fp32 row sum
+        self.nbytes = codes.numel() + 8 * codes.shape[0]  # codes + fp32 scale + fp32 row sum
 
     def _round(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One pass: -> (t, step, base) with x ~ t * step + base per token, t in [-64, 63]."""
@@ -70,31 +129,28 @@ class Int8Kernel:
         return t, step, lo + 64 * step
 
     def _rounded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every pass, rows stacked: -> (t (passes * M, K), step, base). A pass only needs the previous
-        one's rounding, not its product, so all of them go through the kernel as one batch of rows. The
-        low-bit extension rounds in one sweep per pass (torch's per-row min/max alone took ~4 ms on a
-        276 x 11008 input here); the torch ops below are the same arithmetic, for machines without it."""
+        """Every pass, rows stacked: -> (t (passes * M, K), step, base), t as the GEMM takes it (float, or
+        uint8 t + 64). A pass only needs the previous one's rounding, not its product, so all of them go
+        through the GEMM as one batch of rows. The low-bit extension rounds in one sweep per pass (torch's
+        per-row min/max alone took ~4 ms on a 276 x 11008 input here); the torch ops below are the same
+        arithmetic, for machines without it."""
         if lowbit.available():
-            return tuple(lowbit.extension().round7(x, self.passes))
+            return tuple(lowbit.extension().round7(x.contiguous(), self.passes, self.mm.u8))
         ts, steps, bases = [], [], []
         for p in range(self.passes):
             t, step, base = self._round(x if p == 0 else x - (ts[-1] * steps[-1] + bases[-1]))
             ts.append(t), steps.append(step), bases.append(base)
-        return torch.cat(ts), torch.cat(steps), torch.cat(bases)
+        t = torch.cat(ts)
+        return (t + 64).to(torch.uint8) if self.mm.u8 else t, torch.cat(steps), torch.cat(bases)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         t, step, base = self._rounded(x)
         m = x.shape[0]
-        if not bool((t.amax(-1) > t.amin(-1)).any()):  # no row spans the range: add one, so scale stays 1
-            pad = torch.tensor([[-64.0, 63.0] + [0.0] * (x.shape[1] - 2)])[:, : x.shape[1]]
-            z = torch.ops.quantized.linear_dynamic(torch.cat([t, pad]), self.packed, True)[:-1]
-        else:
-            z = torch.ops.quantized.linear_dynamic(t, self.packed, True)
-        y = z[:m] * step[:m] + base[:m] * self.rowsum
+        z = self.mm(t)
+        y = z[:m].mul_(step[:m])  # in place: the epilogue is 2-3 sweeps over (M, N), not 4 per pass
         for p in range(1, self.passes):
-            rows = slice(p * m, (p + 1) * m)
-            y = y + (z[rows] * step[rows] + base[rows] * self.rowsum)
-        return y
+            y.addcmul_(z[p * m:(p + 1) * m], step[p * m:(p + 1) * m])
+        return y.addcmul_(base.view(self.passes, m, 1).sum(0), self.rowsum)
 
 
 class Int4Kernel:

@@ -422,15 +422,17 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 // steps, t = round((r - lo) / step) - 64 in [-64, 63] (fbgemm then picks scale 1, zero point 64 and its
 // own rounding is exact), base = lo + 64 * step, and r -= t * step + base for the next pass. The same
 // operations in the same order as Int8Kernel's torch fallback. -> (t (passes * M, K), step, base).
-std::vector<torch::Tensor> round7(torch::Tensor x, int64_t passes) {
+// codes: float t in [-64, 63] (fbgemm's input) or, with u8, uint8 t + 64 (oneDNN's, zero point 64)
+std::vector<torch::Tensor> round7(torch::Tensor x, int64_t passes, bool u8) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "round7: x must be 2-D fp32");
   TORCH_CHECK(passes >= 1 && passes <= 2, "round7: passes must be 1 or 2, got ", passes);
   x = x.contiguous();
   const int64_t m = x.size(0), k = x.size(1);
-  auto t = torch::empty({passes * m, k}, x.options());
+  auto t = torch::empty({passes * m, k}, u8 ? x.options().dtype(torch::kUInt8) : x.options());
   auto step = torch::empty({passes * m, 1}, x.options()), base = torch::empty({passes * m, 1}, x.options());
   const float* xp = x.data_ptr<float>();
-  float *tp = t.data_ptr<float>(), *sp = step.data_ptr<float>(), *bp = base.data_ptr<float>();
+  float *tp = u8 ? nullptr : t.data_ptr<float>(), *sp = step.data_ptr<float>(), *bp = base.data_ptr<float>();
+  uint8_t* up = u8 ? t.data_ptr<uint8_t>() : nullptr;
   at::parallel_for(0, m, 4, [&](int64_t t0, int64_t t1) {
     std::vector<float> r(k);
     for (int64_t i = t0; i < t1; ++i) {
@@ -439,13 +441,17 @@ std::vector<torch::Tensor> round7(torch::Tensor x, int64_t passes) {
         float lo = r[0], hi = r[0];
         for (int64_t j = 0; j < k; ++j) lo = std::min(lo, r[j]), hi = std::max(hi, r[j]);
         const float st = std::max((hi - lo) / 127.0f, 1e-30f), b = lo + 64.0f * st;
-        float* out = tp + (pass * m + i) * k;
-        for (int64_t j = 0; j < k; ++j) {
-          const float q = std::nearbyint((r[j] - lo) / st) - 64.0f;
-          out[j] = q;
-          const float back = q * st;
-          r[j] = r[j] - (back + b);
-        }
+        const int64_t row = (pass * m + i) * k;
+        auto sweep = [&](auto* out, float shift) {  // one loop per output type, so each vectorizes
+          for (int64_t j = 0; j < k; ++j) {
+            const float q = std::nearbyint((r[j] - lo) / st) - 64.0f;
+            out[row + j] = static_cast<std::remove_reference_t<decltype(*out)>>(q + shift);
+            const float back = q * st;
+            r[j] = r[j] - (back + b);
+          }
+        };
+        if (u8) sweep(up, 64.0f);
+        else sweep(tp, 0.0f);
         sp[pass * m + i] = st, bp[pass * m + i] = b;
       }
     }
@@ -488,7 +494,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("qmax") = 127,
         py::arg("passes") = 2, py::arg("asym") = false, py::arg("isa") = 0);
   m.def("best_isa", &best_isa, "the instruction set mm runs on by default: 512 (AVX-512 VNNI) or 2 (AVX2)");
-  m.def("round7", &round7, "fbgemm's per-token 7-bit input in 1-2 passes -> (t, step, base)");
+  m.def("round7", &round7, "per-token 7-bit int8-GEMM input in 1-2 passes -> (t, step, base); u8: t + 64 as uint8");
   m.def("dequant", &lowbit_dequant, "packed 2/4/8-bit rows -> fp32 (N, K)");
   m.def("threads_used", &lowbit_threads_used, "threads the extension's parallel loops run on");
 }
