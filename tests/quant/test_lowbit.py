@@ -370,3 +370,28 @@ def test_int8_gemm_choice_is_checked(monkeypatch):
         int8_gemm()
     monkeypatch.setenv("QVLA_INT8_GEMM", "fbgemm")
     assert int8_gemm() == "fbgemm" and Int8Kernel(torch.ones(2, 8), torch.ones(2)).name == "fbgemm-int8"
+
+
+@needs_kernel
+@pytest.mark.parametrize("gemm", sorted(INT8_GEMMS))
+def test_int8_kernel_rounds_a8_inputs_on_the_plans_grid_itself(gemm, monkeypatch):
+    """At A8 the extension puts each token on the plan's symmetric 8-bit grid in the sweep that makes the
+    GEMM's input: the same floats as primitives.fake_quant_activation, so the same output as rounding first
+    (with the extension and with the torch fallback)."""
+    if gemm == "onednn" and not _onednn_int8():
+        pytest.skip("this torch has no oneDNN int8 linear")
+    from qvla.quant.primitives import fake_quant_activation
+
+    g = torch.Generator().manual_seed(3)
+    codes, scale = torch.randint(-127, 128, (50, 260), generator=g), torch.rand(50, generator=g) * 0.01
+    x = torch.randn(11, 260, generator=g) * torch.rand(1, 260, generator=g) * 5
+    x[3] = 0.0  # a silent token: the grid's floor
+    a8 = Int8Kernel(codes, scale, gemm=gemm, a_bits=8)
+    plain = Int8Kernel(codes, scale, gemm=gemm)
+    assert a8.rounds_input and not plain.rounds_input
+    want = plain(fake_quant_activation(x, 8))
+    assert torch.equal(a8(x), want)
+    monkeypatch.setattr(lowbit, "available", lambda: False)
+    assert torch.equal(a8(x), want)
+    with pytest.raises(ValueError, match="one pass"):
+        Int8Kernel(codes, scale, passes=2, a_bits=8)

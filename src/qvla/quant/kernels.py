@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from qvla.quant import lowbit
+from qvla.quant.primitives import fake_quant_activation
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel accepts
 # 8-bit buckets up to this many weights run on qvla's kernel, larger ones on the int8 GEMM (int8_gemm()). fbgemm
@@ -110,11 +111,18 @@ class Int8Kernel:
     GEMM time.
     """
 
-    rounds_input = False  # takes activations already rounded to the plan's grid
     LEVELS = 127  # steps between a token's min and max: 128 codes, the kernel's reduced range
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, passes: int = 1, gemm: str | None = None) -> None:
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, passes: int = 1, gemm: str | None = None,
+                 a_bits: int = 16) -> None:
+        if a_bits < 16 and passes != 1:
+            raise ValueError(f"A{a_bits} inputs take one pass, got passes={passes}")
         self.passes = passes
+        # at A8 the extension rounds each token on the plan's grid itself, in the sweep that makes the
+        # GEMM's input (the same floats as primitives.fake_quant_activation); at A4, or without it, the
+        # caller rounds first
+        self.a8 = a_bits == 8 and lowbit.available()
+        self.rounds_input = self.a8
         self.gemm = gemm or int8_gemm()
         self.name = f"{self.gemm}-int8"
         self.mm = INT8_GEMMS[self.gemm](codes, scale)
@@ -135,7 +143,9 @@ class Int8Kernel:
         per-row min/max alone took ~4 ms on a 276 x 11008 input here); the torch ops below are the same
         arithmetic, for machines without it."""
         if lowbit.available():
-            return tuple(lowbit.extension().round7(x.contiguous(), self.passes, self.mm.u8))
+            return tuple(lowbit.extension().round7(x.contiguous(), self.passes, self.mm.u8, self.a8))
+        if self.a8:
+            x = fake_quant_activation(x, 8)
         ts, steps, bases = [], [], []
         for p in range(self.passes):
             t, step, base = self._round(x if p == 0 else x - (ts[-1] * steps[-1] + bases[-1]))
@@ -244,7 +254,7 @@ def build_kernel(bits: int, storage: dict[str, torch.Tensor], k: int, a_bits: in
         on_grid = codes.numel() == 0 or int(codes.min()) >= -127
         if codes.numel() <= SMALL_INT8_WEIGHTS and on_grid and lowbit.available():
             return LowBitKernel(codes, scale, zero, 8, a_bits)
-        return Int8Kernel(codes, scale, passes=2 if a_bits >= 16 else 1)
+        return Int8Kernel(codes, scale, passes=2 if a_bits >= 16 else 1, a_bits=a_bits)
     if lowbit.available():
         return LowBitKernel(codes, scale, zero, bits, a_bits)
     return Int4Kernel(codes, scale, zero)

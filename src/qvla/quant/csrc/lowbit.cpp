@@ -422,8 +422,11 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 // steps, t = round((r - lo) / step) - 64 in [-64, 63] (fbgemm then picks scale 1, zero point 64 and its
 // own rounding is exact), base = lo + 64 * step, and r -= t * step + base for the next pass. The same
 // operations in the same order as Int8Kernel's torch fallback. -> (t (passes * M, K), step, base).
-// codes: float t in [-64, 63] (fbgemm's input) or, with u8, uint8 t + 64 (oneDNN's, zero point 64)
-std::vector<torch::Tensor> round7(torch::Tensor x, int64_t passes, bool u8) {
+// codes: float t in [-64, 63] (fbgemm's input) or, with u8, uint8 t + 64 (oneDNN's, zero point 64).
+// a8: each token is first rounded to the plan's symmetric 8-bit grid, as primitives.fake_quant_activation
+// does (step = max(max|x|, 1e-8) / 127, clamp(round(x / step), -127, 127) * step: the same operations, so
+// the same floats), which spares the caller a separate sweep of torch ops over the input.
+std::vector<torch::Tensor> round7(torch::Tensor x, int64_t passes, bool u8, bool a8) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "round7: x must be 2-D fp32");
   TORCH_CHECK(passes >= 1 && passes <= 2, "round7: passes must be 1 or 2, got ", passes);
   x = x.contiguous();
@@ -437,6 +440,12 @@ std::vector<torch::Tensor> round7(torch::Tensor x, int64_t passes, bool u8) {
     std::vector<float> r(k);
     for (int64_t i = t0; i < t1; ++i) {
       std::copy(xp + i * k, xp + (i + 1) * k, r.data());
+      if (a8) {
+        float a = 0.0f;
+        for (int64_t j = 0; j < k; ++j) a = std::max(a, std::fabs(r[j]));
+        const float s = std::max(a, 1e-8f) / 127.0f;
+        for (int64_t j = 0; j < k; ++j) r[j] = std::min(127.0f, std::max(-127.0f, std::nearbyint(r[j] / s))) * s;
+      }
       for (int64_t pass = 0; pass < passes; ++pass) {
         float lo = r[0], hi = r[0];
         for (int64_t j = 0; j < k; ++j) lo = std::min(lo, r[j]), hi = std::max(hi, r[j]);
@@ -494,7 +503,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("qmax") = 127,
         py::arg("passes") = 2, py::arg("asym") = false, py::arg("isa") = 0);
   m.def("best_isa", &best_isa, "the instruction set mm runs on by default: 512 (AVX-512 VNNI) or 2 (AVX2)");
-  m.def("round7", &round7, "per-token 7-bit int8-GEMM input in 1-2 passes -> (t, step, base); u8: t + 64 as uint8");
+  m.def("round7", &round7, "per-token 7-bit int8-GEMM input in 1-2 passes -> (t, step, base); u8: t + 64 as uint8; a8: on the A8 grid first",
+        py::arg("x"), py::arg("passes"), py::arg("u8") = false, py::arg("a8") = false);
   m.def("dequant", &lowbit_dequant, "packed 2/4/8-bit rows -> fp32 (N, K)");
   m.def("threads_used", &lowbit_threads_used, "threads the extension's parallel loops run on");
 }

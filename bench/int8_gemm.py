@@ -1,0 +1,73 @@
+"""The two int8 GEMMs Int8Kernel can run (oneDNN's, fbgemm's) against bf16 on one 7B-shaped decoder layer,
+measured interleaved in one process: every round times each form once at the prefill (256 image + 20
+prompt tokens) and at a one-token decode step, so drift of the machine hits all of them alike.
+
+    python bench/int8_gemm.py --rounds 15 --out results/scale/int8-gemm-avx512.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scale import PREFILL, SHAPES, build  # noqa: E402
+
+from qvla.bench import device_info  # noqa: E402
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)
+    blocks = {"bf16": (build("decoder", "bf16", {})[0], torch.bfloat16)}
+    for gemm in ("onednn", "fbgemm"):  # Int8Kernel reads the choice when it is built
+        os.environ["QVLA_INT8_GEMM"] = gemm
+        blocks[f"w8a8-{gemm}"] = (build("decoder", "w8a8", {})[0], torch.float32)
+    os.environ.pop("QVLA_INT8_GEMM")
+    d = SHAPES["decoder"]["q"][1]
+    x = torch.randn(1, PREFILL, d)
+    one = torch.randn(1, 1, d)
+    caches = {}
+    for name, (block, dtype) in blocks.items():
+        caches[name] = []
+        block(x.to(dtype), caches[name])  # warm-up and the KV cache the decode steps read
+    times = {name: {"prefill": [], "decode": []} for name in blocks}
+    for r in range(a.rounds):
+        for name, (block, dtype) in blocks.items():
+            xp, xo = x.to(dtype), one.to(dtype)
+            times[name]["prefill"].append(timed(lambda: block(xp, [])))
+            times[name]["decode"].append(statistics.median(timed(lambda: block(xo, list(caches[name])))
+                                                           for _ in range(3)))
+        print(r, {n: {k: round(v[-1], 1) for k, v in t.items()} for n, t in times.items()}, file=sys.stderr,
+              flush=True)
+    med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+    result = {"device": {**device_info(a.threads), "int8_gemm": "both (this benchmark compares them)"},
+              "layer": "decoder", "prefill_tokens": PREFILL, "rounds": a.rounds, "median_ms": med,
+              "vs_bf16": {n: {k: med["bf16"][k] / v for k, v in m.items()} for n, m in med.items() if n != "bf16"},
+              "rounds_ms": times}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({"median_ms": med, "vs_bf16": result["vs_bf16"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
