@@ -28,6 +28,33 @@ def timed(fn) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+TOKENS = (1, 2, 8, 32, PREFILL)
+
+
+@torch.no_grad()
+def gemm_table(rounds: int) -> list[dict]:
+    """Each GEMM alone (Int8Kernel at A8, one pass) on the decoder's three layer shapes, three distinct layers
+    per call so the weights stream from memory as in the stack, interleaved per round: median ms per layer."""
+    from qvla.quant.kernels import Int8Kernel
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n, k in sorted(set(SHAPES["decoder"].values())):
+        codes = [torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8) for _ in range(3)]
+        scale = torch.rand(n, generator=g) * 0.01
+        kernels = {gemm: [Int8Kernel(c, scale, gemm=gemm, a_bits=8) for c in codes] for gemm in ("onednn", "fbgemm")}
+        for m in TOKENS:
+            x = torch.randn(m, k, generator=g)
+            ts = {gemm: [] for gemm in kernels}
+            for _ in range(rounds):
+                for gemm, ks in kernels.items():
+                    ts[gemm].append(timed(lambda: [kern(x) for kern in ks]) / len(ks))
+            row = {"layer": f"{n}x{k}", "tokens": m, **{gemm: statistics.median(v) for gemm, v in ts.items()}}
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
+    return rows
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,10 +86,12 @@ def main(argv=None) -> int:
         print(r, {n: {k: round(v[-1], 1) for k, v in t.items()} for n, t in times.items()}, file=sys.stderr,
               flush=True)
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+    del blocks, caches
+    gemms = gemm_table(a.rounds)
     result = {"device": {**device_info(a.threads), "int8_gemm": "both (this benchmark compares them)"},
               "layer": "decoder", "prefill_tokens": PREFILL, "rounds": a.rounds, "median_ms": med,
               "vs_bf16": {n: {k: med["bf16"][k] / v for k, v in m.items()} for n, m in med.items() if n != "bf16"},
-              "rounds_ms": times}
+              "gemm_ms": gemms, "rounds_ms": times}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({"median_ms": med, "vs_bf16": result["vs_bf16"]}, indent=1))
