@@ -2,7 +2,8 @@
 measured interleaved in one process: every round times each form once at the prefill (256 image + 20
 prompt tokens) and at a one-token decode step, so drift of the machine hits all of them alike.
 
-    python bench/int8_gemm.py --rounds 15 --out results/scale/int8-gemm-avx512.json
+    python bench/int8_gemm.py --rounds 15 --out results/scale/int8-gemm-avx512.json   # AVX-512 VNNI CPU
+    python bench/int8_gemm.py --rounds 9 --out results/scale/int8-gemm-avx2.json      # AVX2 CPU
 """
 from __future__ import annotations
 

@@ -372,6 +372,21 @@ def test_int8_gemm_choice_is_checked(monkeypatch):
     assert int8_gemm() == "fbgemm" and Int8Kernel(torch.ones(2, 8), torch.ones(2)).name == "fbgemm-int8"
 
 
+def test_int8_gemm_default_is_onednn_only_where_the_cpu_has_vnni(monkeypatch):
+    """Without VNNI oneDNN's int8 linear is 3.5-4x slower than fbgemm at 1-8 tokens (bench/int8_gemm.py), so the
+    default follows the CPU."""
+    from qvla.quant import kernels
+
+    monkeypatch.delenv("QVLA_INT8_GEMM", raising=False)
+    monkeypatch.setattr(kernels, "_onednn_int8", lambda: True)
+    for vnni, want in ((True, "onednn"), (False, "fbgemm")):
+        monkeypatch.setattr(lowbit, "cpu_has_vnni", lambda v=vnni: v)
+        assert int8_gemm() == want
+    monkeypatch.setattr(kernels, "_onednn_int8", lambda: False)
+    monkeypatch.setattr(lowbit, "cpu_has_vnni", lambda: True)
+    assert int8_gemm() == "fbgemm"
+
+
 @needs_kernel
 @pytest.mark.parametrize("gemm", sorted(INT8_GEMMS))
 def test_int8_kernel_rounds_a8_inputs_on_the_plans_grid_itself(gemm, monkeypatch):

@@ -30,12 +30,21 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "lowbit.cpp"
 
 
-def _cpu_has_avx2_fma() -> bool:
+def _cpu_flags() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return ""
+
+
+def _cpu_has_avx2_fma() -> bool:
+    flags = _cpu_flags()
     return " avx2" in flags and " fma" in flags
+
+
+def cpu_has_vnni() -> bool:
+    """The CPU has AVX-512 VNNI (read from /proc/cpuinfo, so without building the extension)."""
+    return " avx512_vnni" in _cpu_flags()
 
 
 @functools.cache
