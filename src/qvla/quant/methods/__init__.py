@@ -114,14 +114,17 @@ METHODS["qvla-srot"] = _method("qvla_srot")
 METHODS["qvla-omni"] = _method("qvla_omni")
 METHODS["qvla-gptq"] = _method("qvla_gptq")
 METHODS["qvla-rot-gptq"] = _method("qvla_rot_gptq")
+METHODS["qvla-rot-gptaq"] = _method("qvla_rot_gptaq")
 # "transformed": sensitivities measured on the layers after the method's transforms_for(); the plan maker
 # then gets (sensitivity, transforms, observations)
 NEEDS: dict[str, str | None] = {"qvla": "sensitivity", "rtn": None, "smoothquant": "observations",
                                 "awq": "observations", "gptq": "observations", "omniquant": "observations",
                                 "quarot": None, "qvla-sq": "both", "qvla-awq": "both", "qvla-omni": "both", "qvla-rot": "transformed",
-                                "qvla-srot": "transformed", "qvla-gptq": "both", "qvla-rot-gptq": "transformed"}
+                                "qvla-srot": "transformed", "qvla-gptq": "both", "qvla-rot-gptq": "transformed",
+                                "qvla-rot-gptaq": "transformed"}
 # what each "transformed" method's sensitivities are labelled (two methods with one label share the tables)
-TRANSFORMED: dict[str, str] = {"qvla-rot": "rotation", "qvla-srot": "smoothrot", "qvla-rot-gptq": "rotation"}
+TRANSFORMED: dict[str, str] = {"qvla-rot": "rotation", "qvla-srot": "smoothrot", "qvla-rot-gptq": "rotation",
+                               "qvla-rot-gptaq": "rotation"}
 
 
 def transforms_for(method: str) -> Callable:

@@ -93,10 +93,28 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int | torch.Tensor, da
     return q_all, scale, zero
 
 
-def gptq_transform(x: torch.Tensor, w: torch.Tensor, bits: int | torch.Tensor) -> dict[str, torch.Tensor]:
+def output_matched(w: torch.Tensor, x: torch.Tensor, x_seen: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weight W' (N, K) that best maps the inputs as the quantized layer sees them, x_seen (rows, K), to
+    the layer's full-precision outputs W x: argmin ||x W^T - x_seen W'^T||^2, damped as GPTQ damps its
+    Hessian. Its residual is orthogonal to every V x_seen, so for any weight V
+    ||W x - V x_seen||^2 = ||W x - W' x_seen||^2 + ||(W' - V) x_seen||^2: GPTQ rounding W' on x_seen's Hessian
+    minimises the error against the full-precision output, activation rounding included (the asymmetric
+    calibration of GPTAQ, Li et al. 2025, here on the layer's own rounded inputs)."""
+    xs = x_seen.double()
+    h = xs.t() @ xs
+    h += damp * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype)
+    return torch.linalg.solve(h, xs.t() @ x.double() @ w.double().t()).t().float()
+
+
+def gptq_transform(x: torch.Tensor, w: torch.Tensor, bits: int | torch.Tensor,
+                   x_seen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """GPTQ of weight w (N, K), or a conv's (N, C, kh, kw), on inputs x (rows, K) (a conv's patches) -> the
-    transform entries that make the plan apply it."""
-    q, scale, zero = gptq_quantize(w.reshape(w.shape[0], -1), 2 * x.t().double() @ x.double() / len(x), bits)
+    transform entries that make the plan apply it. With x_seen (x as the quantized layer multiplies it, its
+    activations rounded) GPTQ rounds output_matched(w, x, x_seen) on x_seen's Hessian instead."""
+    w2 = w.reshape(w.shape[0], -1)
+    if x_seen is not None:
+        w2, x = output_matched(w2, x, x_seen), x_seen
+    q, scale, zero = gptq_quantize(w2, 2 * x.t().double() @ x.double() / len(x), bits)
     return {"weight": q.reshape(w.shape), "grid_scale": scale, "grid_zero": zero}
 
 

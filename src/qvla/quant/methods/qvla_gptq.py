@@ -13,19 +13,27 @@ from qvla.quant.methods import QuantConfig
 from qvla.quant.methods.gptq import gptq_transform
 from qvla.quant.methods.qvla import make_plan as qvla_plan
 from qvla.quant.plan import Plan
+from qvla.quant.primitives import fake_quant_activation
 from qvla.quant.storage import input_transform
 
 
-def gptq_at_planned_bits(policy, plan: Plan, observations, max_rows: int = 8192) -> Plan:
+def gptq_at_planned_bits(policy, plan: Plan, observations, max_rows: int = 8192, match_rounded: bool = False) -> Plan:
     """Adds GPTQ's weights to every Linear layer and conv of the plan with rows at 2, 4 or 8 bits, computed on
-    the layer as the plan runs it: after the plan's own input transform (rotation, scaling) if it has one."""
+    the layer as the plan runs it: after the plan's own input transform (rotation, scaling) if it has one.
+    match_rounded (A8 / A4 plans): each Linear layer's weight is first matched to its full-precision output
+    from its inputs rounded on the plan's activation grid, as the quantized layer multiplies them
+    (gptq.output_matched); convs, whose inputs are rounded per pixel before the patches, are GPTQ'd as before."""
     mods = dict(policy.model.named_modules())
     names = [n for n, b in plan.bits.items()
              if isinstance(mods[n], (nn.Linear, nn.Conv2d)) and bool(((b > 0) & (b < 16)).any())]
     for n, x in collect_inputs(policy, observations, names, max_rows=max_rows, convs=True).items():
         t = plan.transforms.get(n, {})
         w, _, inp = transformed(mods[n].weight.detach().float(), None, t)
-        plan.transforms[n] = {**t, **gptq_transform(input_transform(x, inp), w, plan.bits[n])}
+        x = input_transform(x, inp)
+        seen = None
+        if match_rounded and plan.a_bits < 16 and isinstance(mods[n], nn.Linear):
+            seen = fake_quant_activation(x, plan.a_bits, inp.get("a_clip"))
+        plan.transforms[n] = {**t, **gptq_transform(x, w, plan.bits[n], seen)}
     return plan
 
 
