@@ -4,6 +4,8 @@ for token heads). A fast screen before closed-loop evaluation, not a substitute 
 
 Usage: python bench/offline_deviation.py --policy microvla-chunk --calib DIR --runs W4A16:rtn,W4A16:quarot \
            [--form action] [--holdout DIR] --out results/offline/NAME.json
+       python bench/offline_deviation.py --policy microvla-chunk --calib DIR --checkpoints CKPT,CKPT ... \
+           (quantized checkpoints measured as they are)
 """
 from __future__ import annotations
 
@@ -48,13 +50,19 @@ def main() -> None:
     ap.add_argument("--policy", required=True)
     ap.add_argument("--calib", required=True)
     ap.add_argument("--holdout", help="observations to measure on (default: the calibration ones)")
-    ap.add_argument("--runs", required=True, help="comma list of SETTING:METHOD")
+    ap.add_argument("--runs", default="", help="comma list of SETTING:METHOD")
+    ap.add_argument("--checkpoints", default="", help="comma list of quantized checkpoint directories")
     ap.add_argument("--form", default="action")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    if not (a.runs or a.checkpoints):
+        raise SystemExit("give --runs, --checkpoints or both")
     obs, steps, ref = reference(a.policy, a.holdout or a.calib, a.form)
     res = {"policy": a.policy, "observations": len(obs), "form": a.form, "rows": []}
-    for run in a.runs.split(","):
+    for ckpt in filter(None, a.checkpoints.split(",")):
+        q = load_policy(ckpt, kernels="simulated")
+        add_row(res, {"checkpoint": ckpt, "deviation": _deviation(ref, _outputs(q, steps, a.form), a.form) / len(obs)})
+    for run in filter(None, a.runs.split(",")):
         setting, method = run.split(":")
         w, ab = parse_setting(setting)
         t0 = time.time()

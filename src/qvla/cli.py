@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a policy and write the quantized checkpoint")
     q.add_argument("--policy", required=True)
     q.add_argument("--method", default="qvla",
-                   help="qvla, qvla-sq, qvla-awq, qvla-omni, qvla-gptq, qvla-rot, qvla-rot-gptq, qvla-srot or a baseline (rtn, smoothquant, awq, gptq, "
+                   help="qvla, qvla-sq, qvla-awq, qvla-omni, qvla-gptq, qvla-rot, qvla-rot-gptq, qvla-rot-gptaq, qvla-srot or a baseline (rtn, smoothquant, awq, gptq, "
                         "omniquant, quarot); suffixes add refining stages: '+ac' activation clipping (A8/A4), '+bc' bias correction, "
                         "'+lc' layer-calibrated sensitivities (QVLA family), '+lcp' the same with each layer's pruning "
                         "measured and priced apart (and no default no-prune rule)")

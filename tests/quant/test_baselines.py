@@ -11,7 +11,7 @@ import torch.nn as nn
 from qvla.quant.apply import QuantLinear, quantize_
 from qvla.quant.methods import METHODS, NEEDS, QuantConfig
 from qvla.quant.methods.awq import output_error, search_clip, search_scale
-from qvla.quant.methods.gptq import gptq_quantize
+from qvla.quant.methods.gptq import gptq_quantize, gptq_transform, output_matched
 from qvla.quant.methods.omniquant import train_layer
 from qvla.quant.methods.smoothquant import smooth_scales
 from qvla.quant.primitives import fake_quant_activation, fake_quant_mixed, fake_quant_rows
@@ -105,6 +105,25 @@ def test_gptq_error_is_no_larger_than_rtn(bits):
     qmax = 127 if bits == 8 else 2**bits - 1  # and GPTQ's weights lie on their grid
     codes = q / scale[:, None] + zero[:, None]
     assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.round().abs().max() <= qmax
+
+
+@pytest.mark.parametrize("a_bits", [8, 4])
+def test_output_matched_gptq_is_closer_to_full_precision_with_rounded_activations(a_bits):
+    """qvla-rot-gptaq's GPTQ: the least-squares weight splits the error against the FP output into its own
+    residual plus the rounding's error on the rounded inputs (orthogonality, up to the damping), and GPTQ on
+    it ends closer to W x than GPTQ of W alone, with the layer's activations rounded as it runs."""
+    lin, x = layer_and_inputs(rows=1024)
+    w = lin.weight.detach()
+    seen = fake_quant_activation(x, a_bits)
+    fp = x @ w.t()
+    err = lambda v: float((fp - seen @ v.t()).pow(2).sum())  # noqa: E731
+    assert torch.allclose(output_matched(w, x, x, damp=0.0), w, atol=1e-4)  # nothing to match: W itself
+    matched = output_matched(w, x, seen, damp=0.0)
+    v = fake_quant_rows(w, 4)
+    assert err(v) == pytest.approx(err(matched) + float(((matched - v) @ seen.t()).pow(2).sum()), rel=1e-4)
+    plain = gptq_transform(x, w, 4)["weight"]
+    aware = gptq_transform(x, w, 4, x_seen=seen)["weight"]
+    assert err(aware) < err(plain)
 
 
 def test_gptq_checkpoint_reproduces_its_codes():

@@ -95,15 +95,17 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int | torch.Tensor, da
 
 def output_matched(w: torch.Tensor, x: torch.Tensor, x_seen: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """The weight W' (N, K) that best maps the inputs as the quantized layer sees them, x_seen (rows, K), to
-    the layer's full-precision outputs W x: argmin ||x W^T - x_seen W'^T||^2, damped as GPTQ damps its
-    Hessian. Its residual is orthogonal to every V x_seen, so for any weight V
+    the layer's full-precision outputs W x: argmin ||x W^T - x_seen W'^T||^2, its correction to W damped as
+    GPTQ damps its Hessian. Its residual is orthogonal to every V x_seen, so for any weight V
     ||W x - V x_seen||^2 = ||W x - W' x_seen||^2 + ||(W' - V) x_seen||^2: GPTQ rounding W' on x_seen's Hessian
     minimises the error against the full-precision output, activation rounding included (the asymmetric
     calibration of GPTAQ, Li et al. 2025, here on the layer's own rounded inputs)."""
     xs = x_seen.double()
     h = xs.t() @ xs
     h += damp * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype)
-    return torch.linalg.solve(h, xs.t() @ x.double() @ w.double().t()).t().float()
+    # W'^T = W^T + H^-1 x_seen^T (x - x_seen) W^T: the damping shrinks only the correction (damped as a
+    # whole, a layer with outlier channels had its other directions shrunk, and came out worse than W)
+    return (w.double() + torch.linalg.solve(h, xs.t() @ (x.double() - xs) @ w.double().t()).t()).float()
 
 
 def gptq_transform(x: torch.Tensor, w: torch.Tensor, bits: int | torch.Tensor,
