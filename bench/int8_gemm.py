@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import PREFILL, SHAPES, build  # noqa: E402
+from scale import PREFILL, SHAPES, KVCache, build  # noqa: E402
 
 from qvla.bench import device_info  # noqa: E402
 
@@ -75,14 +75,14 @@ def main(argv=None) -> int:
     one = torch.randn(1, 1, d)
     caches = {}
     for name, (block, dtype) in blocks.items():
-        caches[name] = []
+        caches[name] = KVCache()
         block(x.to(dtype), caches[name])  # warm-up and the KV cache the decode steps read
     times = {name: {"prefill": [], "decode": []} for name in blocks}
     for r in range(a.rounds):
         for name, (block, dtype) in blocks.items():
             xp, xo = x.to(dtype), one.to(dtype)
-            times[name]["prefill"].append(timed(lambda: block(xp, [])))
-            times[name]["decode"].append(statistics.median(timed(lambda: block(xo, list(caches[name])))
+            times[name]["prefill"].append(timed(lambda: block(xp, KVCache())))
+            times[name]["decode"].append(statistics.median(timed(lambda: block(xo, caches[name].fork()))
                                                            for _ in range(3)))
         print(r, {n: {k: round(v[-1], 1) for k, v in t.items()} for n, t in times.items()}, file=sys.stderr,
               flush=True)

@@ -373,7 +373,7 @@ def test_int8_gemm_choice_is_checked(monkeypatch):
 
 
 def test_int8_gemm_default_is_onednn_only_where_the_cpu_has_vnni(monkeypatch):
-    """Without VNNI oneDNN's int8 linear is 3.5-4x slower than fbgemm at 1-8 tokens (bench/int8_gemm.py), so the
+    """Without VNNI oneDNN's int8 linear is 3-7x slower than fbgemm at 1-8 tokens (bench/int8_gemm.py), so the
     default follows the CPU."""
     from qvla.quant import kernels
 

@@ -48,8 +48,8 @@ def int8_gemm() -> str:
     """The int8 GEMM Int8Kernel runs: "onednn" where torch has it and the CPU has AVX-512 VNNI, else "fbgemm";
     QVLA_INT8_GEMM picks one. On the 7B decoder's layers (bench/int8_gemm.py, AMD EPYC, 2 threads): with
     AVX-512 VNNI oneDNN is faster at the prefill's 276 tokens (12.6 / 29.3 ms against 14.4 / 38.6 ms on
-    4096x4096 / 4096x11008) and slower at one or two; on AVX2 alone it is level at 276 and 3.5-4x slower
-    from 1 to 8 tokens (4.8 against 1.35 ms on 4096x4096 at one token), slower than bf16 at a decode step."""
+    4096x4096 / 4096x11008) and slower at one or two; on AVX2 alone it is level at 276 and 3-7x slower
+    from 1 to 8 tokens (5.6 against 1.5 ms on 4096x4096 at one token), slower than bf16 at a decode step."""
     want = os.environ.get("QVLA_INT8_GEMM")
     if want is None:
         return "onednn" if _onednn_int8() and lowbit.cpu_has_vnni() else "fbgemm"
