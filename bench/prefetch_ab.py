@@ -25,8 +25,7 @@ CASES = ((4, 127, 2), (8, 127, 1))  # bits, activation qmax, passes: W4A16 and W
 
 def build(distance: int):
     return load(name=f"qvla_lowbit_prefetch{distance}", sources=[str(lowbit.SOURCE)], verbose=False,
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DQVLA_PREFETCH={distance}"],
-                extra_ldflags=["-fopenmp"])
+                extra_cflags=[*lowbit.CFLAGS, f"-DQVLA_PREFETCH={distance}"], extra_ldflags=lowbit.LDFLAGS)
 
 
 @torch.no_grad()

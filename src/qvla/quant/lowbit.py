@@ -28,8 +28,10 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "lowbit.cpp"
+CFLAGS, LDFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-fopenmp"]  # how extension() builds it
 
 
+@functools.cache
 def _cpu_flags() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()
@@ -61,8 +63,8 @@ def extension():
         # at::parallel_for is inlined into the extension and runs its loop on one thread unless the extension
         # itself is built with OpenMP (torch's CPU wheels use the OpenMP backend; the loader reuses the
         # libgomp torch has already loaded, so there is one thread pool)
-        return load(name="qvla_lowbit", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        return load(name="qvla_lowbit", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                    verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: fall back, loudly
         log.warning("lowbit kernel could not be built (%s: %s); using torch's int4 kernel", type(e).__name__, e)
         return None
