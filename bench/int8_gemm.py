@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from scale import PREFILL, SHAPES, KVCache, build  # noqa: E402
 
+from qvla import allocator
 from qvla.bench import device_info  # noqa: E402
 
 
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    allocator.keep_freed_memory()  # freed activations are reused, for every form timed here (qvla.allocator)
     torch.set_flush_denormal(True)
     blocks = {"bf16": (build("decoder", "bf16", {})[0], torch.bfloat16)}
     for gemm in ("onednn", "fbgemm"):  # Int8Kernel reads the choice when it is built

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.cpp_extension import load
 
+from qvla import allocator
 from qvla.bench import device_info
 from qvla.quant import lowbit
 
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    allocator.keep_freed_memory()  # freed activations are reused, for every form timed here (qvla.allocator)
     exts = {int(d): build(int(d)) for d in a.distances.split(",")}
     g = torch.Generator().manual_seed(0)
     n = k = 4096

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qvla import allocator
 from qvla.cpu_mode import stage_mode
 from qvla.envs import Observation
 
@@ -41,7 +42,7 @@ def device_info(threads: int) -> dict:
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
             "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "lowbit_kernel": f"qvla-lowbit ({lowbit.isa()})" if lowbit.available() else "torch int4 (bf16)",
-            "int8_gemm": kernels.int8_gemm()}
+            "int8_gemm": kernels.int8_gemm(), "malloc": allocator.state()["malloc"]}
 
 
 def fixed_observation(policy, seed: int = 0) -> Observation:
@@ -92,6 +93,7 @@ def run_bench(policy_ref: str, out: str | Path | None = None, runs: int = 50, wa
     if runs < 1 or warmup < 0:
         raise ValueError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
     torch.set_num_threads(threads)
+    allocator.keep_freed_memory()  # every form below runs with it (see qvla.allocator)
     path = resolve(policy_ref)
     meta = read_meta(path)
     policy = load_policy(path)

@@ -272,7 +272,7 @@ needs_vnni = pytest.mark.skipif(not lowbit.available() or lowbit.extension().bes
 
 
 @needs_vnni
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("a_bits", [16, 8, 4])
 @pytest.mark.parametrize("n, k", [(5, 256), (7, 320), (9, 384), (13, 450), (6, 128), (66, 1024)])
 @pytest.mark.parametrize("tokens", [2, 8, 9, 10, 11, 17])
@@ -281,7 +281,8 @@ def test_vnni_path_gives_the_avx2_paths_bits(bits, a_bits, n, k, tokens):
     masked, row and token tails of 1-3; from lowbit.cpp's VNNI_MIN_ROWS = 8 rows of activations and
     VNNI_MIN_K = 256 on, below them the AVX2 path runs) form the same integer sums as the AVX2 path: the
     outputs are equal, bit for bit. The shapes cover one pair of blocks, an odd number of blocks, padded
-    rows, and rows that are not a multiple of 4."""
+    rows, and rows that are not a multiple of 4. 8-bit rows (signed codes read with their top bit flipped,
+    128 * sum(q) taken off after) included."""
     g = torch.Generator().manual_seed(bits * 1000 + n * k + tokens + a_bits)
     codes, scale, zero = random_codes(bits, n, k, g)
     x = torch.randn(tokens, k, generator=g) * 3
@@ -304,6 +305,26 @@ def test_vnni_sums_are_exact_at_the_extremes(bits):
     ref = x.double() @ codes.double().t()
     out = LowBitKernel(codes, scale, zero, bits, isa="avx512-vnni")(x)
     assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-2)
+
+
+@needs_vnni
+@pytest.mark.parametrize("k", [4096 + 32, 2**17 - 32, 2**17])
+def test_vnni_8bit_sums_are_exact_where_the_flipped_sums_wrap(k):
+    """8-bit rows on the VNNI tiles sum (code + 128) * q, up to 255 * 127 * K: beyond int32 from K ~ 66000
+    on. Their int32 sums wrap, and taking 128 * sum(q) off in the same modular arithmetic must still give
+    the exact code . q, up to K = 2^17 - 32 (from 2^17 on the AVX2 rows run, exact too)."""
+    n = 5
+    codes = torch.full((n, k), 127)
+    codes[1] = -127
+    codes[2, ::2] = -127
+    x = torch.ones(9, k)  # 9 tokens at A8: rows of activations at q = 127 (VNNI tiles)
+    x[1::2] = -1.0
+    x[4, ::3] = 0.0
+    scale, zero = torch.ones(n), torch.zeros(n)
+    ref = (x.double() * 127).round() @ codes.double().t() / 127
+    out = LowBitKernel(codes, scale, zero, 8, a_bits=8, isa="avx512-vnni")(x)
+    assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-3)
+    assert torch.equal(out, LowBitKernel(codes, scale, zero, 8, a_bits=8, isa="avx2")(x))
 
 
 def test_isa_refuses_an_unknown_or_missing_instruction_set(monkeypatch):

@@ -2,9 +2,9 @@
 // multiplied with them in integers, 32 codes at a time (vpmaddubsw: unsigned codes x signed int8
 // activations), as the int8 GEMMs of fbgemm and llama.cpp do. 8-bit rows are plain signed int8 (K padded
 // to 32); the layout below is that of 4 and 2 bits. On CPUs with AVX-512 VNNI (chosen at run time; the
-// file is built for AVX2, the VNNI functions carry their own target) 4- and 2-bit rows are multiplied
-// with many tokens in tiles of 4 rows x 4 tokens, 64 codes at a time with vpdpbusd (four u8 x s8 products
-// summed straight into int32): the same integer sums, so both paths give the same bits.
+// file is built for AVX2, the VNNI functions carry their own target) rows are multiplied with many tokens
+// in tiles of 4 rows x 4 tokens, 64 codes at a time with vpdpbusd (four u8 x s8 products summed straight
+// into int32): the same integer sums, so both paths give the same bits.
 //
 // Layout at 4 and 2 bits (made by qvla.quant.lowbit.block_pack): each row of K codes is cut into blocks
 // of 32 bytes (64 codes at 4 bits, 128 at 2 bits; K is padded to a whole block). Byte j of a block holds
@@ -237,6 +237,54 @@ QVLA_AVX512 void rows_vnni(const int8_t* qa, int64_t k, const uint8_t* packed, i
   if (r1 - r == 1) tile_vnni<Bits, 1, TM>(qa, k, packed, d, n, t0, r);
 }
 
+// D[t, r] + 128 * sum(q[t]) (mod 2^32) for RM 8-bit rows x TM tokens: vpdpbusd wants one unsigned operand, so
+// each signed code is read as code + 128 (its top bit flipped) and the caller takes 128 * sum(q[t]) off again
+// (lowbit_mm's epilogue, in the same modular int32 arithmetic, so the result is exact where |D| < 2^31, i.e.
+// K < 2^17). The activations are q as rounded: an 8-bit row is one code per byte, in order.
+// One 64-byte step (or, m = 32 lanes, the last 32 codes) of RM rows x TM tokens; masked-off lanes read 0.
+template <int RM, int TM>
+QVLA_AVX512 inline __attribute__((always_inline)) void step_vnni8(const int8_t* q, int64_t k, const uint8_t* w,
+                                                                  __mmask64 m, __m512i (&acc)[RM][TM]) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i v[RM];
+  for (int r = 0; r < RM; ++r) v[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + r * k), flip);
+  for (int t = 0; t < TM; ++t) {
+    const __m512i x = _mm512_maskz_loadu_epi8(m, q + t * k);
+    for (int r = 0; r < RM; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], v[r], x);
+  }
+}
+
+template <int RM, int TM>
+QVLA_AVX512 void tile_vnni8(const int8_t* q, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t t0,
+                            int64_t r0) {
+  const int64_t pairs = k / 64;
+  __m512i acc[RM][TM];
+  for (int r = 0; r < RM; ++r)
+    for (int t = 0; t < TM; ++t) acc[r][t] = _mm512_setzero_si512();
+  const uint8_t* w = packed + r0 * k;
+  const int8_t* a = q + t0 * k;
+  for (int64_t p = 0; p < pairs; ++p) step_vnni8<RM, TM>(a + p * 64, k, w + p * 64, ~0ull, acc);
+  if (k % 64) step_vnni8<RM, TM>(a + pairs * 64, k, w + pairs * 64, 0xFFFFFFFFull, acc);  // K: a multiple of 32
+  for (int r = 0; r < RM; ++r)
+    for (int t = 0; t < TM; ++t) d[(t0 + t) * n + r0 + r] = _mm512_reduce_add_epi32(acc[r][t]);
+}
+
+template <int TM>
+QVLA_AVX512 void rows_vnni8(const int8_t* q, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t t0,
+                            int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) tile_vnni8<4, TM>(q, k, packed, d, n, t0, r);
+  if (r1 - r == 3) tile_vnni8<3, TM>(q, k, packed, d, n, t0, r);
+  if (r1 - r == 2) tile_vnni8<2, TM>(q, k, packed, d, n, t0, r);
+  if (r1 - r == 1) tile_vnni8<1, TM>(q, k, packed, d, n, t0, r);
+}
+
+void dot_tokens_vnni8(const int8_t* q, int64_t m, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t r0,
+                      int64_t r1) {
+  static constexpr RowsFn by_tokens[5] = {nullptr, rows_vnni8<1>, rows_vnni8<2>, rows_vnni8<3>, rows_vnni8<4>};
+  over_row_blocks<8>(by_tokens, 4, q, m, k, packed, d, n, r0, r1);
+}
+
 // As dot_tokens, on whole tiles of 4 rows where the block allows.
 template <int Bits>
 void dot_tokens_vnni(const int8_t* qa, int64_t m, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t r0,
@@ -336,6 +384,69 @@ float round_to_int8(float* r, int64_t k, float qmax, float floor, bool asym, int
   return step;
 }
 
+// round7's sweeps, in AVX2 with a scalar tail: the same operations in the same order as the scalar (and the
+// torch) arithmetic, so the same floats. Scalar loops had taken 1.5 ms on a 276 x 4096 input (2 threads),
+// ~13 ms of a 7B decoder layer's W8A8 prefill over its seven linears.
+inline float round_even(float v) { return std::nearbyint(v); }
+inline __m256 round_even(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+// r on the plan's symmetric 8-bit grid: s = max(max|r|, 1e-8) / 127, clamp(round(r / s), -127, 127) * s.
+void on_a8_grid(float* r, int64_t k) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 mx = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(r + j)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mx);
+  float a = *std::max_element(lanes, lanes + 8);
+  for (; j < k; ++j) a = std::max(a, std::fabs(r[j]));
+  const float s = std::max(a, 1e-8f) / 127.0f;
+  const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+  for (j = 0; j + 8 <= k; j += 8) {
+    const __m256 q = round_even(_mm256_div_ps(_mm256_loadu_ps(r + j), vs));
+    _mm256_storeu_ps(r + j, _mm256_mul_ps(_mm256_min_ps(hi, _mm256_max_ps(lo, q)), vs));
+  }
+  for (; j < k; ++j) r[j] = std::min(127.0f, std::max(-127.0f, round_even(r[j] / s))) * s;
+}
+
+void min_max(const float* r, int64_t k, float* lo, float* hi) {
+  __m256 mn = _mm256_set1_ps(r[0]), mx = mn;
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    const __m256 v = _mm256_loadu_ps(r + j);
+    mn = _mm256_min_ps(mn, v), mx = _mm256_max_ps(mx, v);
+  }
+  alignas(32) float a[8], b[8];
+  _mm256_store_ps(a, mn), _mm256_store_ps(b, mx);
+  *lo = *std::min_element(a, a + 8), *hi = *std::max_element(b, b + 8);
+  for (; j < k; ++j) *lo = std::min(*lo, r[j]), *hi = std::max(*hi, r[j]);
+}
+
+// One pass: t = round((r - lo) / st) - 64 into f (float) or u (uint8 t + 64), and r -= t * st + b.
+void sweep7(float* r, int64_t k, float lo, float st, float b, float* f, uint8_t* u) {
+  const __m256 vlo = _mm256_set1_ps(lo), vst = _mm256_set1_ps(st), vb = _mm256_set1_ps(b),
+               off = _mm256_set1_ps(64.0f);
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    const __m256 v = _mm256_loadu_ps(r + j);
+    const __m256 q = _mm256_sub_ps(round_even(_mm256_div_ps(_mm256_sub_ps(v, vlo), vst)), off);
+    if (f) {
+      _mm256_storeu_ps(f + j, q);
+    } else {  // q + 64 in [0, 127]: to bytes
+      const __m256i c = _mm256_cvtps_epi32(_mm256_add_ps(q, off));
+      const __m128i c16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(u + j), _mm_packus_epi16(c16, c16));
+    }
+    _mm256_storeu_ps(r + j, _mm256_sub_ps(v, _mm256_add_ps(_mm256_mul_ps(q, vst), vb)));
+  }
+  for (; j < k; ++j) {
+    const float q = round_even((r[j] - lo) / st) - 64.0f;
+    if (f) f[j] = q;
+    else u[j] = static_cast<uint8_t>(q + 64.0f);
+    r[j] = r[j] - (q * st + b);
+  }
+}
+
 void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch::Tensor& zero, int64_t bits,
            int64_t k) {
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "lowbit: bits must be 2, 4 or 8, got ", bits);
@@ -355,11 +466,16 @@ void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch:
 // below it the AVX2 path, one row at a time, streams the weights faster (one token, 4096x4096 layers
 // streamed from memory: 0.33 ms against 0.60 on the VNNI tiles; level at 4 rows, VNNI ahead from 8).
 // Nor do rows shorter than VNNI_MIN_K (the micro-VLAs' 128-wide layers): there the tile's 16 horizontal
-// sums cost about what its products do, and the AVX2 path was level or faster. 8-bit rows always run on
-// the AVX2 path: on VNNI tiles they were slower than it on small buckets and no faster than fbgemm on
-// large ones (bench/lowbit_tokens.py).
+// sums cost about what its products do, and the AVX2 path was level or faster. 8-bit rows on the tiles
+// (tile_vnni8) ran 1.3-1.9x faster than on the AVX2 rows from 8 to 276 tokens on buckets of 384x512 to
+// 256x11008 (AMD EPYC, Zen 5, 2 threads), level at one to four rows; on a whole 4096x4096 layer at 276
+// tokens they are still 2.2x slower than oneDNN's int8 GEMM, which keeps the large 8-bit buckets.
 constexpr int64_t VNNI_MIN_ROWS = 8;
 constexpr int64_t VNNI_MIN_K = 256;
+// 8-bit rows take the VNNI tiles from this many rows of activations on, and below VNNI_MAX_K8 inputs (there
+// |code . q| <= 127 * 127 * K stays below 2^31, so the tiles' modular sums are exact).
+constexpr int64_t VNNI_MIN_ROWS8 = 8;
+constexpr int64_t VNNI_MAX_K8 = 1 << 17;
 
 // The instruction set the integer products run on: 512 (AVX-512 VNNI) where the CPU has it, else 2 (AVX2).
 int64_t best_isa() {
@@ -387,6 +503,7 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   auto q = torch::empty({passes * m, k}, x.options().dtype(torch::kInt8));
   // xsum: the sum of each token as rounded (the zero point's term), so that y is exactly rounded x . w
   std::vector<double> s(passes * m), xsum(m, 0.0);
+  std::vector<int64_t> qsums(passes * m);  // sum(q) per row of rounded activations (the 8-bit VNNI tiles' term)
   const float* xp = x.data_ptr<float>();
   int8_t* qp = q.data_ptr<int8_t>();
   at::parallel_for(0, m, 16, [&](int64_t t0, int64_t t1) {
@@ -401,6 +518,7 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
         s[pass * m + t] =
             round_to_int8(r.data(), k, static_cast<float>(qmax), floor, asym, qp + (pass * m + t) * k, &qsum);
         xsum[t] += s[pass * m + t] * static_cast<double>(qsum);
+        qsums[pass * m + t] = qsum;
       }
     }
   });
@@ -409,7 +527,12 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   auto fn = bits == 8 ? dot_tokens<8> : bits == 4 ? dot_tokens<4> : dot_tokens<2>;
   const int8_t* qrows = qp;
   torch::Tensor qa;
-  if (isa == 512 && bits != 8 && passes * m >= VNNI_MIN_ROWS && k >= VNNI_MIN_K) {
+  // the 8-bit tiles' sums carry 128 * sum(q) each, taken off below in modular int32 arithmetic
+  std::vector<uint32_t> offset(passes * m, 0);
+  if (isa == 512 && bits == 8 && passes * m >= VNNI_MIN_ROWS8 && k >= VNNI_MIN_K && k < VNNI_MAX_K8) {
+    fn = dot_tokens_vnni8;
+    for (int64_t i = 0; i < passes * m; ++i) offset[i] = static_cast<uint32_t>(128 * qsums[i]);
+  } else if (isa == 512 && bits != 8 && passes * m >= VNNI_MIN_ROWS && k >= VNNI_MIN_K) {
     qa = torch::empty_like(q);
     vnni_layout(qp, qa.data_ptr<int8_t>(), passes * m, k, bits);
     fn = bits == 4 ? dot_tokens_vnni<4> : dot_tokens_vnni<2>;
@@ -422,11 +545,14 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   const int32_t* dp = d.data_ptr<int32_t>();
   const float *sc = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  auto dot = [&](int64_t row, int64_t j) {  // exact: the true sum is below 2^31 in size
+    return static_cast<int32_t>(static_cast<uint32_t>(dp[row * n + j]) - offset[row]);
+  };
   at::parallel_for(0, m, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t j = 0; j < n; ++j) {
-        double acc = s[t] * dp[t * n + j];
-        if (passes == 2) acc += s[m + t] * dp[(m + t) * n + j];
+        double acc = s[t] * dot(t, j);
+        if (passes == 2) acc += s[m + t] * dot(m + t, j);
         yp[t * n + j] = static_cast<float>(sc[j] * (acc - zp[j] * xsum[t]));
       }
   });
@@ -455,27 +581,13 @@ std::vector<torch::Tensor> round7(torch::Tensor x, int64_t passes, bool u8, bool
     std::vector<float> r(k);
     for (int64_t i = t0; i < t1; ++i) {
       std::copy(xp + i * k, xp + (i + 1) * k, r.data());
-      if (a8) {
-        float a = 0.0f;
-        for (int64_t j = 0; j < k; ++j) a = std::max(a, std::fabs(r[j]));
-        const float s = std::max(a, 1e-8f) / 127.0f;
-        for (int64_t j = 0; j < k; ++j) r[j] = std::min(127.0f, std::max(-127.0f, std::nearbyint(r[j] / s))) * s;
-      }
+      if (a8) on_a8_grid(r.data(), k);
       for (int64_t pass = 0; pass < passes; ++pass) {
-        float lo = r[0], hi = r[0];
-        for (int64_t j = 0; j < k; ++j) lo = std::min(lo, r[j]), hi = std::max(hi, r[j]);
+        float lo, hi;
+        min_max(r.data(), k, &lo, &hi);
         const float st = std::max((hi - lo) / 127.0f, 1e-30f), b = lo + 64.0f * st;
         const int64_t row = (pass * m + i) * k;
-        auto sweep = [&](auto* out, float shift) {  // one loop per output type, so each vectorizes
-          for (int64_t j = 0; j < k; ++j) {
-            const float q = std::nearbyint((r[j] - lo) / st) - 64.0f;
-            out[row + j] = static_cast<std::remove_reference_t<decltype(*out)>>(q + shift);
-            const float back = q * st;
-            r[j] = r[j] - (back + b);
-          }
-        };
-        if (u8) sweep(up, 64.0f);
-        else sweep(tp, 0.0f);
+        sweep7(r.data(), k, lo, st, b, u8 ? nullptr : tp + row, u8 ? up + row : nullptr);
         sp[pass * m + i] = st, bp[pass * m + i] = b;
       }
     }
