@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from scale import PREFILL, SHAPES, KVCache, build  # noqa: E402
 
-from qvla import allocator
+from qvla import allocator  # noqa: E402
 from qvla.bench import device_info  # noqa: E402
 
 

@@ -12,6 +12,7 @@ The "streamed" section therefore also times a sweep over STREAM_LAYERS distinct 
 
     python bench/lowbit_tokens.py --out results/scale/lowbit-tokens-cpu.json      # ~3 min on 2 cores
     python bench/lowbit_tokens.py --sections micro --out results/scale/int8-micro-cpu.json   # seconds
+    python bench/lowbit_tokens.py --sections buckets --out results/scale/int8-buckets-cpu.json  # ~1 min
 """
 from __future__ import annotations
 
@@ -59,6 +60,30 @@ def micro(runs: int, g: torch.Generator) -> dict:
     return out
 
 
+BUCKET_SHAPES = ((64, 4096), (256, 4096), (256, 11008), (1024, 1024), (384, 512))  # 8-bit buckets (N, K)
+BUCKET_TOKENS = (1, 8, 16, 64, 276)
+
+
+def buckets(runs: int, g: torch.Generator) -> dict:
+    """ms per call of one 8-bit bucket (A8) of up to kernels.SMALL_INT8_WEIGHTS weights (8-bit buckets of a
+    mixed plan's 7B-sized layers): qvla's kernel (on a VNNI CPU its VNNI tiles from 8 tokens and its AVX2
+    rows) and the int8 GEMM that large buckets run on."""
+    out = {}
+    for n, k in BUCKET_SHAPES:
+        codes, scale = torch.randint(-127, 128, (n, k), generator=g), torch.rand(n, generator=g) * 0.01
+        kerns = {"lowbit8_a8": LowBitKernel(codes, scale, torch.zeros(n), 8, a_bits=8),
+                 "int8_a8": Int8Kernel(codes, scale, passes=1, a_bits=8)}
+        if lowbit.isa() != "avx2":
+            kerns["lowbit8_a8_avx2"] = LowBitKernel(codes, scale, torch.zeros(n), 8, a_bits=8, isa="avx2")
+        rows = {}
+        for m in BUCKET_TOKENS:
+            x = torch.randn(m, k, generator=g)
+            rows[m] = {key: median_ms(lambda: kern(x), runs) for key, kern in kerns.items()}
+            print("bucket", n, k, m, {key: round(v, 4) for key, v in rows[m].items()}, file=sys.stderr, flush=True)
+        out[f"{n}x{k}"] = rows
+    return out
+
+
 def streamed(runs: int, g: torch.Generator) -> dict:
     """ms per layer over a sweep of STREAM_LAYERS distinct 4096x4096 layers, and the bytes/s it streams."""
     n = k = 4096
@@ -90,12 +115,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--sections", default="layers,streamed,micro",
-                    help="which parts to time: layers (one 7B-sized layer), streamed, micro (seconds only)")
+    ap.add_argument("--sections", default="layers,streamed,micro,buckets",
+                    help="which parts to time: layers (one 7B-sized layer), streamed, micro (seconds only), "
+                         "buckets (8-bit buckets of 7B-sized layers)")
     a = ap.parse_args(argv)
     sections = set(a.sections.split(","))
-    if not sections <= {"layers", "streamed", "micro"}:
-        ap.error(f"--sections takes layers, streamed and micro, got {a.sections!r}")
+    if not sections <= {"layers", "streamed", "micro", "buckets"}:
+        ap.error(f"--sections takes layers, streamed, micro and buckets, got {a.sections!r}")
     torch.set_num_threads(a.threads)
     allocator.keep_freed_memory()  # freed activations are reused, for every form timed here (qvla.allocator)
     if not lowbit.available():
@@ -146,6 +172,8 @@ def main(argv=None) -> int:
         result["streamed"] = streamed(a.runs, g)
     if "micro" in sections:
         result["micro"] = micro(max(a.runs, 200), g)
+    if "buckets" in sections:
+        result["buckets"] = buckets(a.runs, g)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -237,19 +237,23 @@ QVLA_AVX512 void rows_vnni(const int8_t* qa, int64_t k, const uint8_t* packed, i
   if (r1 - r == 1) tile_vnni<Bits, 1, TM>(qa, k, packed, d, n, t0, r);
 }
 
-// D[t, r] + 128 * sum(q[t]) (mod 2^32) for RM 8-bit rows x TM tokens: vpdpbusd wants one unsigned operand, so
+// tile_vnni8: D[t, r] + 128 * sum(q[t]) (mod 2^32) for RM 8-bit rows x TM tokens: vpdpbusd wants one unsigned operand, so
 // each signed code is read as code + 128 (its top bit flipped) and the caller takes 128 * sum(q[t]) off again
 // (lowbit_mm's epilogue, in the same modular int32 arithmetic, so the result is exact where |D| < 2^31, i.e.
 // K < 2^17). The activations are q as rounded: an 8-bit row is one code per byte, in order.
-// One 64-byte step (or, m = 32 lanes, the last 32 codes) of RM rows x TM tokens; masked-off lanes read 0.
-template <int RM, int TM>
-QVLA_AVX512 inline __attribute__((always_inline)) void step_vnni8(const int8_t* q, int64_t k, const uint8_t* w,
-                                                                  __mmask64 m, __m512i (&acc)[RM][TM]) {
+// step_vnni8: 64 codes of RM rows (the last 32 of a row, Half, read masked with zeros above) times TM tokens'
+// activations. The main loop must read unmasked: with a run-time mask in it GCC 12 kept the 16 accumulators
+// on the stack, and the tile ran at half the speed.
+template <int RM, int TM, bool Half>
+QVLA_AVX512 inline __attribute__((always_inline)) void step_vnni8(const uint8_t* w, const int8_t* a, int64_t k,
+                                                                  __m512i (&acc)[RM][TM]) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i v[RM];
-  for (int r = 0; r < RM; ++r) v[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + r * k), flip);
+  for (int r = 0; r < RM; ++r)
+    v[r] = _mm512_xor_si512(Half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, w + r * k) : _mm512_loadu_si512(w + r * k),
+                            flip);
   for (int t = 0; t < TM; ++t) {
-    const __m512i x = _mm512_maskz_loadu_epi8(m, q + t * k);
+    const __m512i x = Half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, a + t * k) : _mm512_loadu_si512(a + t * k);
     for (int r = 0; r < RM; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], v[r], x);
   }
 }
@@ -257,14 +261,14 @@ QVLA_AVX512 inline __attribute__((always_inline)) void step_vnni8(const int8_t* 
 template <int RM, int TM>
 QVLA_AVX512 void tile_vnni8(const int8_t* q, int64_t k, const uint8_t* packed, int32_t* d, int64_t n, int64_t t0,
                             int64_t r0) {
-  const int64_t pairs = k / 64;
+  const int64_t full = k / 64 * 64;
+  const uint8_t* w = packed + r0 * k;
+  const int8_t* a = q + t0 * k;
   __m512i acc[RM][TM];
   for (int r = 0; r < RM; ++r)
     for (int t = 0; t < TM; ++t) acc[r][t] = _mm512_setzero_si512();
-  const uint8_t* w = packed + r0 * k;
-  const int8_t* a = q + t0 * k;
-  for (int64_t p = 0; p < pairs; ++p) step_vnni8<RM, TM>(a + p * 64, k, w + p * 64, ~0ull, acc);
-  if (k % 64) step_vnni8<RM, TM>(a + pairs * 64, k, w + pairs * 64, 0xFFFFFFFFull, acc);  // K: a multiple of 32
+  for (int64_t j = 0; j < full; j += 64) step_vnni8<RM, TM, false>(w + j, a + j, k, acc);
+  if (full < k) step_vnni8<RM, TM, true>(w + full, a + full, k, acc);  // K is a multiple of 32: the last 32 codes
   for (int r = 0; r < RM; ++r)
     for (int t = 0; t < TM; ++t) d[(t0 + t) * n + r0 + r] = _mm512_reduce_add_epi32(acc[r][t]);
 }
@@ -467,9 +471,10 @@ void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch:
 // streamed from memory: 0.33 ms against 0.60 on the VNNI tiles; level at 4 rows, VNNI ahead from 8).
 // Nor do rows shorter than VNNI_MIN_K (the micro-VLAs' 128-wide layers): there the tile's 16 horizontal
 // sums cost about what its products do, and the AVX2 path was level or faster. 8-bit rows on the tiles
-// (tile_vnni8) ran 1.3-1.9x faster than on the AVX2 rows from 8 to 276 tokens on buckets of 384x512 to
-// 256x11008 (AMD EPYC, Zen 5, 2 threads), level at one to four rows; on a whole 4096x4096 layer at 276
-// tokens they are still 2.2x slower than oneDNN's int8 GEMM, which keeps the large 8-bit buckets.
+// (tile_vnni8) ran 2-3.4x faster than on the AVX2 rows from 8 to 276 tokens on buckets of 384x512 to
+// 256x11008 (AMD EPYC, Zen 5, 2 threads; bench/lowbit_tokens.py --sections buckets); at 276 tokens they are
+// 1.2-1.5x slower than oneDNN's int8 GEMM there (on a whole 4096x4096 layer 9.5 against 6.5 ms), which keeps
+// the large 8-bit buckets.
 constexpr int64_t VNNI_MIN_ROWS = 8;
 constexpr int64_t VNNI_MIN_K = 256;
 // 8-bit rows take the VNNI tiles from this many rows of activations on, and below VNNI_MAX_K8 inputs (there
