@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -28,6 +29,15 @@ def timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1e3
+
+
+def faulted(fn, into: list) -> float:
+    """timed(fn), appending the minor page faults the call took to `into` (freed memory given back to the
+    OS is faulted in again: see qvla.allocator)."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ms = timed(fn)
+    into.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return ms
 
 
 TOKENS = (1, 2, 8, 32, PREFILL)
@@ -80,10 +90,11 @@ def main(argv=None) -> int:
         caches[name] = KVCache()
         block(x.to(dtype), caches[name])  # warm-up and the KV cache the decode steps read
     times = {name: {"prefill": [], "decode": []} for name in blocks}
+    faults = {name: [] for name in blocks}  # per prefill
     for r in range(a.rounds):
         for name, (block, dtype) in blocks.items():
             xp, xo = x.to(dtype), one.to(dtype)
-            times[name]["prefill"].append(timed(lambda: block(xp, KVCache())))
+            times[name]["prefill"].append(faulted(lambda: block(xp, KVCache()), faults[name]))
             times[name]["decode"].append(statistics.median(timed(lambda: block(xo, caches[name].fork()))
                                                            for _ in range(3)))
         print(r, {n: {k: round(v[-1], 1) for k, v in t.items()} for n, t in times.items()}, file=sys.stderr,
@@ -94,10 +105,11 @@ def main(argv=None) -> int:
     result = {"device": {**device_info(a.threads), "int8_gemm": "both (this benchmark compares them)"},
               "layer": "decoder", "prefill_tokens": PREFILL, "rounds": a.rounds, "median_ms": med,
               "vs_bf16": {n: {k: med["bf16"][k] / v for k, v in m.items()} for n, m in med.items() if n != "bf16"},
+              "prefill_page_faults": {n: statistics.median(v) for n, v in faults.items()},
               "gemm_ms": gemms, "rounds_ms": times}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({"median_ms": med, "vs_bf16": result["vs_bf16"]}, indent=1))
+    print(json.dumps({k: result[k] for k in ("median_ms", "vs_bf16", "prefill_page_faults")}, indent=1))
     return 0
 
 
