@@ -431,3 +431,26 @@ def test_int8_kernel_rounds_a8_inputs_on_the_plans_grid_itself(gemm, monkeypatch
     assert torch.equal(a8(x), want)
     with pytest.raises(ValueError, match="one pass"):
         Int8Kernel(codes, scale, passes=2, a_bits=8)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kernel_writes_its_rows_into_the_given_columns(bits):
+    """With out and cols the kernel's epilogue writes row j's outputs into column cols[j] of the layer's output
+    (what PackedLinear does for each bucket instead of a scatter): the same floats as the plain call, the other
+    columns untouched; mismatched arguments fail loudly."""
+    g = torch.Generator().manual_seed(bits)
+    codes, scale, zero = random_codes(bits, 9, 256, g)
+    kern = LowBitKernel(codes, scale, zero, bits)
+    x = torch.randn(5, 256, generator=g)
+    cols = torch.tensor([11, 0, 3, 7, 19, 2, 5, 13, 17])
+    out = torch.full((5, 20), -1.0)
+    assert kern(x, out=out, cols=cols) is out
+    ref = torch.full((5, 20), -1.0).index_copy_(1, cols, kern(x))
+    assert torch.equal(out, ref)
+    with pytest.raises(RuntimeError, match="out and cols go together"):
+        kern(x, out=out)
+    with pytest.raises(RuntimeError, match="outside out"):
+        kern(x, out=out, cols=cols + 5)
+    with pytest.raises(RuntimeError, match="one int64 column per row"):
+        kern(x, out=out, cols=cols[:4])

@@ -114,6 +114,7 @@ class Int8Kernel:
     """
 
     LEVELS = 127  # steps between a token's min and max: 128 codes, the kernel's reduced range
+    writes_into = False
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, passes: int = 1, gemm: str | None = None,
                  a_bits: int = 16) -> None:
@@ -169,6 +170,7 @@ class Int4Kernel:
     """torch's CPU int4 weight-only GEMM; rows padded to 16, columns to 32, one scale per group."""
 
     name = "cpu-int4"
+    writes_into = False
     rounds_input = False  # takes activations already rounded to the plan's grid
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
@@ -205,6 +207,7 @@ class LowBitKernel:
     kernel's, exactly); two passes at A16 (the second carries the first one's residual: ~14-bit)."""
 
     name = "qvla-lowbit"
+    writes_into = True  # __call__(x, out, cols) writes into the layer's output (PackedLinear)
     # at A8 / A4 the kernel rounds each token on the plan's grid itself (the same per-token rounding as
     # primitives.fake_quant_activation), so the caller need not round it first
 
@@ -224,16 +227,19 @@ class LowBitKernel:
         self.scale, self.zero = scale.float().contiguous(), zero.float().contiguous()
         self.nbytes = self.packed.numel() + 4 * (self.scale.numel() + self.zero.numel())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None,
+                 cols: torch.Tensor | None = None) -> torch.Tensor:
+        """-> (M, rows); with out and cols, row j's outputs go into column cols[j] of out (returned)."""
         xp = F.pad(x, (0, self.pad)) if self.pad else x
         return self.ext.mm(xp, self.packed, self.scale, self.zero, self.bits, self.qmax, self.passes, self.asym,
-                           self._isa)
+                           self._isa, out, cols)
 
 
 class HalfKernel:
     """Rows kept at 16 bits: stored fp16, upcast per call."""
 
     name = "fp16-rows"
+    writes_into = False
     rounds_input = False  # takes activations already rounded to the plan's grid
 
     def __init__(self, rows: torch.Tensor) -> None:

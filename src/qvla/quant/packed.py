@@ -52,6 +52,9 @@ class PackedLinear(nn.Module):
             k.rounds_input for _, k in self.buckets)
         # one bucket holding every channel in order needs no scatter
         self.direct = len(self.buckets) == 1 and len(self.buckets[0][0]) == self.out_features
+        # the output columns of each bucket: its channels, or (folded) its run of the bucket order
+        starts = torch.tensor([0] + [len(idx) for idx, _ in self.buckets]).cumsum(0).tolist()
+        self.cols = [torch.arange(s, s + len(idx)) if folded else idx for s, (idx, _) in zip(starts, self.buckets)]
         if bias is not None and folded:
             bias = bias[bucket_order(bits)]
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -68,13 +71,15 @@ class PackedLinear(nn.Module):
             x2 = fake_quant_activation(x2, self.a_bits, self.inp.get("a_clip"))
         if self.direct:
             y = self.buckets[0][1](x2)
-        elif self.folded:  # bucket order: the next layer's weights take the permutation
-            parts = [kernel(x2) for _, kernel in self.buckets]
-            y = torch.cat(parts + [x2.new_zeros(x2.shape[0], self.pruned)] if self.pruned else parts, 1)
-        else:
-            y = x2.new_zeros(x2.shape[0], self.out_features)
-            for idx, kernel in self.buckets:
-                y.index_copy_(1, idx, kernel(x2))
+        else:  # folded: in bucket order, the next layer's weights take the permutation
+            y = (x2.new_zeros if self.pruned else x2.new_empty)(x2.shape[0], self.out_features)
+            for cols, (_, kernel) in zip(self.cols, self.buckets):
+                if kernel.writes_into:  # the kernel's epilogue writes the columns in place
+                    kernel(x2, out=y, cols=cols)
+                elif self.folded:
+                    y.narrow(1, int(cols[0]), len(cols)).copy_(kernel(x2))
+                else:
+                    y.index_copy_(1, cols, kernel(x2))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)

@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 
 namespace {
 
@@ -491,8 +492,11 @@ int64_t best_isa() {
 // x (M, K) fp32 -> (M, N) fp32: each token rounded to the grid of qmax in `passes` passes (the second
 // carries the first one's residual), integer dot products with the rows, then the float epilogue.
 // isa: 0 the best this CPU has, 2 AVX2, 512 AVX-512 VNNI (refused where the CPU lacks it).
+// out, cols (optional): write row j's outputs into column cols[j] of out (M, >= N) fp32 instead of a new
+// (M, N) tensor, so a layer split into buckets by bit width gets its channels in place without a scatter.
 torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero,
-                        int64_t bits, int64_t qmax, int64_t passes, bool asym, int64_t isa) {
+                        int64_t bits, int64_t qmax, int64_t passes, bool asym, int64_t isa,
+                        c10::optional<torch::Tensor> out, c10::optional<torch::Tensor> cols) {
   TORCH_CHECK(isa == 0 || isa == 2 || isa == 512, "lowbit: isa must be 0 (best), 2 (AVX2) or 512 (AVX-512 VNNI), got ", isa);
   TORCH_CHECK(isa != 512 || best_isa() == 512, "lowbit: this CPU has no AVX-512 VNNI");
   if (isa == 0) isa = best_isa();
@@ -546,7 +550,21 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
     fn(qrows, passes * m, k, packed.data_ptr<uint8_t>(), d.data_ptr<int32_t>(), n, r0, r1);
   });
-  auto y = torch::empty({m, n}, x.options());
+  TORCH_CHECK(out.has_value() == cols.has_value(), "lowbit: out and cols go together");
+  torch::Tensor y = out.has_value() ? *out : torch::empty({m, n}, x.options());
+  std::vector<int64_t> col(n);
+  std::iota(col.begin(), col.end(), 0);
+  if (out.has_value()) {
+    TORCH_CHECK(y.dtype() == torch::kFloat32 && y.dim() == 2 && y.size(0) == m && y.stride(1) == 1,
+                "lowbit: out must be (M, columns) fp32 with unit column stride");
+    TORCH_CHECK(cols->dtype() == torch::kInt64 && cols->dim() == 1 && cols->numel() == n,
+                "lowbit: cols must hold one int64 column per row of packed");
+    const auto c = cols->contiguous();
+    std::copy(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + n, col.begin());
+    for (int64_t j = 0; j < n; ++j)
+      TORCH_CHECK(col[j] >= 0 && col[j] < y.size(1), "lowbit: column ", col[j], " is outside out");
+  }
+  const int64_t ldy = y.stride(0);
   const int32_t* dp = d.data_ptr<int32_t>();
   const float *sc = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -558,7 +576,7 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
       for (int64_t j = 0; j < n; ++j) {
         double acc = s[t] * dot(t, j);
         if (passes == 2) acc += s[m + t] * dot(m + t, j);
-        yp[t * n + j] = static_cast<float>(sc[j] * (acc - zp[j] * xsum[t]));
+        yp[t * ldy + col[j]] = static_cast<float>(sc[j] * (acc - zp[j] * xsum[t]));
       }
   });
   return y;
@@ -633,7 +651,8 @@ int64_t lowbit_threads_used() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &lowbit_mm, "x (M, K) fp32 . packed 2/4/8-bit rows (N, K) -> (M, N) fp32 (integer activations, 1-2 passes)",
         py::arg("x"), py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("qmax") = 127,
-        py::arg("passes") = 2, py::arg("asym") = false, py::arg("isa") = 0);
+        py::arg("passes") = 2, py::arg("asym") = false, py::arg("isa") = 0, py::arg("out") = py::none(),
+        py::arg("cols") = py::none());
   m.def("best_isa", &best_isa, "the instruction set mm runs on by default: 512 (AVX-512 VNNI) or 2 (AVX2)");
   m.def("round7", &round7, "per-token 7-bit int8-GEMM input in 1-2 passes -> (t, step, base); u8: t + 64 as uint8; a8: on the A8 grid first",
         py::arg("x"), py::arg("passes"), py::arg("u8") = false, py::arg("a8") = false);
