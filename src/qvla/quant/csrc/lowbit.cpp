@@ -390,8 +390,9 @@ float round_to_int8(float* r, int64_t k, float qmax, float floor, bool asym, int
 }
 
 // round7's sweeps, in AVX2 with a scalar tail: the same operations in the same order as the scalar (and the
-// torch) arithmetic, so the same floats. Scalar loops had taken 1.5 ms on a 276 x 4096 input (2 threads),
-// ~13 ms of a 7B decoder layer's W8A8 prefill over its seven linears.
+// torch) arithmetic, so the same floats. Scalar loops (std::nearbyint is a library call) had taken 1.35 ms on
+// a 276 x 4096 input at A8, 0.30 now (2 threads, bench/extension_ab.py): ~8 ms of a 7B decoder layer's W8A8
+// prefill over its seven linears.
 inline float round_even(float v) { return std::nearbyint(v); }
 inline __m256 round_even(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
@@ -509,6 +510,21 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   TORCH_CHECK(x.size(1) > 0, "lowbit: x must have at least one column");
   x = x.contiguous();
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
+  TORCH_CHECK(out.has_value() == cols.has_value(), "lowbit: out and cols go together");
+  torch::Tensor y = out.has_value() ? *out : torch::empty({m, n}, x.options());
+  std::vector<int64_t> col(n);
+  std::iota(col.begin(), col.end(), 0);
+  if (out.has_value()) {
+    TORCH_CHECK(y.dtype() == torch::kFloat32 && y.dim() == 2 && y.size(0) == m && y.stride(1) == 1,
+                "lowbit: out must be (M, columns) fp32 with unit column stride");
+    TORCH_CHECK(cols->dtype() == torch::kInt64 && cols->dim() == 1 && cols->numel() == n,
+                "lowbit: cols must hold one int64 column per row of packed");
+    const auto c = cols->contiguous();
+    std::copy(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + n, col.begin());
+    for (int64_t j = 0; j < n; ++j)
+      TORCH_CHECK(col[j] >= 0 && col[j] < y.size(1), "lowbit: column ", col[j], " is outside out");
+  }
+  const int64_t ldy = y.stride(0);
   auto q = torch::empty({passes * m, k}, x.options().dtype(torch::kInt8));
   // xsum: the sum of each token as rounded (the zero point's term), so that y is exactly rounded x . w
   std::vector<double> s(passes * m), xsum(m, 0.0);
@@ -550,21 +566,6 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
     fn(qrows, passes * m, k, packed.data_ptr<uint8_t>(), d.data_ptr<int32_t>(), n, r0, r1);
   });
-  TORCH_CHECK(out.has_value() == cols.has_value(), "lowbit: out and cols go together");
-  torch::Tensor y = out.has_value() ? *out : torch::empty({m, n}, x.options());
-  std::vector<int64_t> col(n);
-  std::iota(col.begin(), col.end(), 0);
-  if (out.has_value()) {
-    TORCH_CHECK(y.dtype() == torch::kFloat32 && y.dim() == 2 && y.size(0) == m && y.stride(1) == 1,
-                "lowbit: out must be (M, columns) fp32 with unit column stride");
-    TORCH_CHECK(cols->dtype() == torch::kInt64 && cols->dim() == 1 && cols->numel() == n,
-                "lowbit: cols must hold one int64 column per row of packed");
-    const auto c = cols->contiguous();
-    std::copy(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + n, col.begin());
-    for (int64_t j = 0; j < n; ++j)
-      TORCH_CHECK(col[j] >= 0 && col[j] < y.size(1), "lowbit: column ", col[j], " is outside out");
-  }
-  const int64_t ldy = y.stride(0);
   const int32_t* dp = d.data_ptr<int32_t>();
   const float *sc = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
   float* yp = y.data_ptr<float>();
