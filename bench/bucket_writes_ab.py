@@ -11,23 +11,16 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import FORMS, PREFILL, SHAPES, KVCache, build, random_plan  # noqa: E402
+from scale import FORMS, PREFILL, SHAPES, KVCache, build, random_plan, timed  # noqa: E402
 
 from qvla import allocator  # noqa: E402
 from qvla.bench import device_info  # noqa: E402
 from qvla.quant.kernels import LowBitKernel  # noqa: E402
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
 
 
 @torch.no_grad()

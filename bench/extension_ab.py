@@ -13,15 +13,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.cpp_extension import load
 
-from qvla import allocator
-from qvla.bench import device_info
-from qvla.quant import lowbit
+sys.path.insert(0, str(Path(__file__).parent))
+from scale import timed  # noqa: E402
+
+from qvla import allocator  # noqa: E402
+from qvla.bench import device_info  # noqa: E402
+from qvla.quant import lowbit  # noqa: E402
 
 ROUND7_SHAPES = ((1, 4096), (276, 4096), (276, 11008))
 ROUND7_MODES = ((1, True, True), (2, True, False), (2, False, False))  # passes, u8 (oneDNN), a8
@@ -40,12 +42,6 @@ def old_build(rev: str, workdir: Path):
 
 def same_round7(a, b, x) -> bool:
     return all(all(torch.equal(u, v) for u, v in zip(a.round7(x, *m), b.round7(x, *m))) for m in ROUND7_MODES)
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
 
 
 @torch.no_grad()

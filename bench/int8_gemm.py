@@ -13,22 +13,15 @@ import os
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import PREFILL, SHAPES, KVCache, build  # noqa: E402
+from scale import PREFILL, SHAPES, KVCache, build, timed  # noqa: E402
 
 from qvla import allocator  # noqa: E402
 from qvla.bench import device_info  # noqa: E402
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
 
 
 def faulted(fn, into: list) -> float:

@@ -193,14 +193,16 @@ def build(kind: str, form: str, plans: dict) -> tuple[Block, int]:
     return Block(kind, swapped), sum(m.weight_nbytes for m in swapped.values())
 
 
+def timed(fn) -> float:
+    """ms one call of fn takes."""
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
 def median_ms(fn, runs: int) -> float:
     fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+    return statistics.median(timed(fn) for _ in range(runs))
 
 
 @torch.no_grad()
