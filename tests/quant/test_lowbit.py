@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -454,3 +455,48 @@ def test_kernel_writes_its_rows_into_the_given_columns(bits):
         kern(x, out=out, cols=cols + 5)
     with pytest.raises(RuntimeError, match="one int64 column per row"):
         kern(x, out=out, cols=cols[:4])
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, k", [(7, 37), (33, 1024), (5, 1100)])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 6])
+def test_half_rows_match_the_float_gemm(n, k, tokens):
+    """The fp16 rows' GEMV (half_mm: rows widened in registers, fp32 sums in another order) against the rows
+    upcast for the float GEMM, and both against float64: as close as the float GEMM is."""
+    g = torch.Generator().manual_seed(n * k + tokens)
+    w, x = torch.randn(n, k, generator=g).half(), torch.randn(tokens, k, generator=g)
+    ref = x.double() @ w.double().t()
+    out = lowbit.extension().half_mm(x, w)
+    gemm = F.linear(x, w.float())
+    assert out.shape == (tokens, n) and out.dtype == torch.float32
+    assert (out.double() - ref).norm() / ref.norm() < 1e-6
+    assert (out.double() - ref).norm() <= 2 * (gemm.double() - ref).norm() + 1e-9
+
+
+@needs_kernel
+def test_half_kernel_takes_the_gemv_only_for_few_tokens_on_long_rows(monkeypatch):
+    """HalfKernel runs half_mm at up to GEMV_MAX_TOKENS tokens on inputs of GEMV_MIN_K or more; shorter rows
+    (the micro-VLAs') and more tokens keep the float GEMM on the upcast rows, bit for bit."""
+    from qvla.quant.kernels import HalfKernel
+
+    calls = []
+    ext = lowbit.extension()
+
+    class Spy:
+        def half_mm(self, x, w):
+            calls.append(x.shape[0])
+            return ext.half_mm(x, w)
+
+    g = torch.Generator().manual_seed(0)
+    for k, want in ((512, False), (1024, True)):
+        rows = torch.randn(6, k, generator=g)
+        kern = HalfKernel(rows)
+        assert (kern.ext is not None) == want
+        if kern.ext is not None:
+            kern.ext = Spy()
+        for m in (1, 4, 5):
+            x = torch.randn(m, k, generator=g)
+            out = kern(x)
+            if not (want and m <= HalfKernel.GEMV_MAX_TOKENS):
+                assert torch.equal(out, F.linear(x, rows.half().float()))
+    assert calls == [1, 4]

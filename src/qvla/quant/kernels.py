@@ -9,7 +9,7 @@ reports the bytes it holds, and maps (M, K) float32 activations to (M, rows) flo
 | 8 bits  | else torch's oneDNN (or fbgemm) int8 GEMM              | int8 + fp32 scale     | 7-bit per token (see Int8Kernel) |
 | 4, 2    | qvla's AVX2/VNNI low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | the plan's grid (A8, A4); int8 x 2 passes (A16) |
 | 4, 2    | else torch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu) | 4 bits + bf16 scale/zero per group | bf16 |
-| 16      | float GEMM on fp16-stored rows, upcast per call          | fp16                  | fp32 |
+| 16      | fp16 rows widened in registers (lowbit.py half_mm) at <= 4 tokens and K >= 1024, else upcast per call for the float GEMM | fp16 | fp32 |
 
 The low-bit kernel streams the packed rows at every token count: a block of rows stays in cache while
 all the tokens pass over it, so a prefill reads the weights from memory once. With torch's kernel,
@@ -236,17 +236,26 @@ class LowBitKernel:
 
 
 class HalfKernel:
-    """Rows kept at 16 bits: stored fp16, upcast per call."""
+    """Rows kept at 16 bits: stored fp16. At up to GEMV_MAX_TOKENS tokens on inputs of GEMV_MIN_K or more,
+    qvla's extension reads each fp16 row once and widens it in registers (half_mm); otherwise the rows are
+    upcast to fp32 per call for the float GEMM, which at one token moves 10 bytes per weight against 2
+    (a budget-8 7B decoder layer's 16-bit rows: bench/layer_ab.py --toggle half-gemv). The micro-VLAs' layers
+    (K <= 512) keep the float GEMM, so their closed-loop numbers stay the same bits."""
 
     name = "fp16-rows"
     writes_into = False
     rounds_input = False  # takes activations already rounded to the plan's grid
+    GEMV_MAX_TOKENS = 4
+    GEMV_MIN_K = 1024
 
     def __init__(self, rows: torch.Tensor) -> None:
         self.w = rows.to(torch.float16).contiguous()
         self.nbytes = self.w.numel() * 2
+        self.ext = lowbit.extension() if rows.shape[1] >= self.GEMV_MIN_K else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ext is not None and x.shape[0] <= self.GEMV_MAX_TOKENS:
+            return self.ext.half_mm(x, self.w)
         return F.linear(x, self.w.float())
 
 

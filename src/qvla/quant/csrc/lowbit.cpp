@@ -583,6 +583,59 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   return y;
 }
 
+// fp16 rows (the plan's 16-bit channels, kernels.HalfKernel) times a few fp32 tokens: each row is read once
+// as fp16 and widened in registers (F16C), where the float GEMM needed the rows upcast to a fp32 copy on every
+// call (10 bytes of traffic per weight against 2). Sums in fp32, 4 x 8 lanes per token, then across lanes.
+template <int TM>
+__attribute__((target("avx2,fma,f16c"))) void half_rows(const float* x, int64_t k, const uint16_t* w, float* y,
+                                                        int64_t n, int64_t t0, int64_t r0, int64_t r1) {
+  const int64_t k32 = k / 32 * 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* row = w + r * k;
+    __m256 acc[TM][4];
+    for (int t = 0; t < TM; ++t)
+      for (int u = 0; u < 4; ++u) acc[t][u] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < k32; j += 32) {
+      __m256 v[4];
+      for (int u = 0; u < 4; ++u)
+        v[u] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j + 8 * u)));
+      for (int t = 0; t < TM; ++t)
+        for (int u = 0; u < 4; ++u)
+          acc[t][u] = _mm256_fmadd_ps(v[u], _mm256_loadu_ps(x + (t0 + t) * k + j + 8 * u), acc[t][u]);
+    }
+    for (int t = 0; t < TM; ++t) {
+      const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3]));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, a);
+      float sum = 0.0f;
+      for (int l = 0; l < 8; ++l) sum += lanes[l];
+      for (int64_t j = k32; j < k; ++j) sum += _cvtsh_ss(row[j]) * x[(t0 + t) * k + j];
+      y[(t0 + t) * n + r] = sum;
+    }
+  }
+}
+
+// x (M, K) fp32 . w (N, K) fp16 -> (M, N) fp32, four tokens per pass over the rows.
+torch::Tensor half_mm(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "half_mm: x must be 2-D fp32");
+  TORCH_CHECK(w.dtype() == torch::kFloat16 && w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1),
+              "half_mm: w must be contiguous 2-D fp16 with x's columns");
+  x = x.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  auto y = torch::empty({m, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::Half>());
+  float* yp = y.data_ptr<float>();
+  using HalfFn = void (*)(const float*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t);
+  static constexpr HalfFn by_tokens[5] = {nullptr, half_rows<1>, half_rows<2>, half_rows<3>, half_rows<4>};
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    int64_t t0 = 0;
+    for (; t0 + 4 <= m; t0 += 4) by_tokens[4](xp, k, wp, yp, n, t0, r0, r1);
+    if (m > t0) by_tokens[m - t0](xp, k, wp, yp, n, t0, r0, r1);
+  });
+  return y;
+}
+
 // fbgemm's dynamic int8 input, rounded here (kernels.Int8Kernel): per token and pass, its [lo, hi] in 127
 // steps, t = round((r - lo) / step) - 64 in [-64, 63] (fbgemm then picks scale 1, zero point 64 and its
 // own rounding is exact), base = lo + 64 * step, and r -= t * step + base for the next pass. The same
@@ -658,5 +711,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("round7", &round7, "per-token 7-bit int8-GEMM input in 1-2 passes -> (t, step, base); u8: t + 64 as uint8; a8: on the A8 grid first",
         py::arg("x"), py::arg("passes"), py::arg("u8") = false, py::arg("a8") = false);
   m.def("dequant", &lowbit_dequant, "packed 2/4/8-bit rows -> fp32 (N, K)");
+  m.def("half_mm", &half_mm, "x (M, K) fp32 . fp16 rows (N, K) -> (M, N) fp32, the rows widened in registers");
   m.def("threads_used", &lowbit_threads_used, "threads the extension's parallel loops run on");
 }
