@@ -40,8 +40,8 @@ def _cpu_flags() -> str:
 
 
 def _cpu_has_avx2_fma() -> bool:
-    flags = _cpu_flags()
-    return " avx2" in flags and " fma" in flags
+    flags = _cpu_flags()  # F16C too: half_mm widens fp16 rows with it (every AVX2 CPU has it)
+    return " avx2" in flags and " fma" in flags and " f16c" in flags
 
 
 def cpu_has_vnni() -> bool:
@@ -55,7 +55,7 @@ def extension():
     if os.environ.get("QVLA_LOWBIT", "1") == "0":
         return None
     if not _cpu_has_avx2_fma():
-        log.info("lowbit kernel: this CPU has no AVX2/FMA; using torch's int4 kernel")
+        log.info("lowbit kernel: this CPU has no AVX2/FMA/F16C; using torch's int4 kernel")
         return None
     try:
         from torch.utils.cpp_extension import load
