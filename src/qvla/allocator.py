@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 << 20  # glibc's largest (on 64-bit): blocks up to 32 MiB come from the heap
@@ -32,16 +33,21 @@ def keep_freed_memory() -> dict:
     if os.environ.get("QVLA_KEEP_FREED", "1") == "0":
         _state.update(malloc="default (QVLA_KEEP_FREED=0)")
         return dict(_state)
+    if platform.libc_ver()[0] != "glibc":  # e.g. musl, whose mallopt accepts nothing
+        _state.update(malloc="default (not glibc)")
+        return dict(_state)
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         _state.update(malloc="default (no glibc mallopt)")
         return dict(_state)
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    if not ok:
-        raise RuntimeError("mallopt refused qvla's mmap/trim thresholds")
+    set_mmap = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    set_trim = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    if not (set_mmap and set_trim):  # recorded, not raised: the timings are still valid, only without it
+        _state.update(malloc=f"default (mallopt refused: mmap threshold {'set' if set_mmap else 'refused'}, "
+                             f"trim threshold {'set' if set_trim else 'refused'})")
+        return dict(_state)
     _state.update(malloc="glibc, freed memory kept", mmap_threshold=MMAP_THRESHOLD, trim_threshold=TRIM_THRESHOLD)
     return dict(_state)
 

@@ -309,11 +309,10 @@ def test_vnni_sums_are_exact_at_the_extremes(bits):
 
 
 @needs_vnni
-@pytest.mark.parametrize("k", [4096 + 32, 2**17 - 32, 2**17])
-def test_vnni_8bit_sums_are_exact_where_the_flipped_sums_wrap(k):
-    """8-bit rows on the VNNI tiles sum (code + 128) * q, up to 255 * 127 * K: beyond int32 from K ~ 66000
-    on. Their int32 sums wrap, and taking 128 * sum(q) off in the same modular arithmetic must still give
-    the exact code . q, up to K = 2^17 - 32 (from 2^17 on the AVX2 rows run, exact too)."""
+@pytest.mark.parametrize("k", [4096 + 32, 2**16 - 32, 2**16, 2**17])
+def test_vnni_8bit_sums_are_exact_up_to_the_longest_rows(k):
+    """8-bit rows on the VNNI tiles sum (code + 128) * q, up to 255 * 127 * K, and take 128 * sum(q) off
+    after: exact at the extremes up to K = 2^16 - 32 (from 2^16 on the AVX2 rows run, exact too)."""
     n = 5
     codes = torch.full((n, k), 127)
     codes[1] = -127
@@ -455,6 +454,16 @@ def test_kernel_writes_its_rows_into_the_given_columns(bits):
         kern(x, out=out, cols=cols + 5)
     with pytest.raises(RuntimeError, match="one int64 column per row"):
         kern(x, out=out, cols=cols[:4])
+    with pytest.raises(RuntimeError, match="rows apart"):  # rows that overlap would race between threads
+        kern(x, out=torch.zeros(1, 20).expand(5, 20), cols=cols)
+
+
+@needs_kernel
+def test_kernel_refuses_8bit_rows_too_long_for_int32_sums():
+    k = 133144 + 32 - 133144 % 32
+    with pytest.raises(RuntimeError, match="8-bit rows need K below 133144"):
+        lowbit.extension().mm(torch.zeros(1, k), torch.zeros(1, k, dtype=torch.uint8), torch.ones(1),
+                              torch.zeros(1), 8, 127, 1, False, 0)
 
 
 @needs_kernel

@@ -46,6 +46,8 @@ class PackedLinear(nn.Module):
         self.buckets = [(torch.nonzero(bits == b).flatten(), build_kernel(b, storage, self.in_features, a_bits))
                         for b in BUCKET_ORDER if (bits == b).any()]
         self.pruned = int((bits == 0).sum())
+        if sum(len(idx) for idx, _ in self.buckets) + self.pruned != self.out_features:  # forward fills every column
+            raise ValueError(f"PackedLinear: bits must be 0 or one of {BUCKET_ORDER}, got {sorted(set(bits.tolist()))}")
         # every kernel rounds its input on the plan's grid itself (and no clipping changes that grid): the
         # rounding here would be done twice
         self.kernels_round = a_bits < 16 and "a_clip" not in self.inp and all(

@@ -240,10 +240,10 @@ QVLA_AVX512 void rows_vnni(const int8_t* qa, int64_t k, const uint8_t* packed, i
 
 // tile_vnni8: D[t, r] + 128 * sum(q[t]) (mod 2^32) for RM 8-bit rows x TM tokens: vpdpbusd wants one unsigned operand, so
 // each signed code is read as code + 128 (its top bit flipped) and the caller takes 128 * sum(q[t]) off again
-// (lowbit_mm's epilogue, in the same modular int32 arithmetic, so the result is exact where |D| < 2^31, i.e.
-// K < 2^17). The activations are q as rounded: an 8-bit row is one code per byte, in order.
-// step_vnni8: 64 codes of RM rows (the last 32 of a row, Half, read masked with zeros above) times TM tokens'
-// activations. The main loop must read unmasked: with a run-time mask in it GCC 12 kept the 16 accumulators
+// (lowbit_mm's epilogue). Below K = 2^16 even the biased sums (255 * 127 * K at most) stay inside int32, so
+// the reduction cannot overflow. The activations are q as rounded: an 8-bit row is one code per byte, in order.
+// step_vnni8: 64 codes of RM rows times TM tokens' activations; Half: the last 32 codes of a row, both loads
+// masked (the weights' masked bytes become 0x80 after the flip, but the activations' are 0, so the products are). The main loop must read unmasked: with a run-time mask in it GCC 12 kept the 16 accumulators
 // on the stack, and the tile ran at half the speed.
 template <int RM, int TM, bool Half>
 QVLA_AVX512 inline __attribute__((always_inline)) void step_vnni8(const uint8_t* w, const int8_t* a, int64_t k,
@@ -389,8 +389,10 @@ float round_to_int8(float* r, int64_t k, float qmax, float floor, bool asym, int
   return step;
 }
 
-// round7's sweeps, in AVX2 with a scalar tail: the same operations in the same order as the scalar (and the
-// torch) arithmetic, so the same floats. Scalar loops (std::nearbyint is a library call) had taken 1.35 ms on
+// round7's sweeps, in AVX2 with a scalar tail: the same operations in the same order as the scalar loops they
+// replace, so the same floats (bench/extension_ab.py checks; the compiler may fuse the residual's multiply-add,
+// which the test against torch's arithmetic allows for). A NaN or infinite input gives NaN codes' rows here where
+// the scalar loops clamped it; neither matches torch, and the plans' activations are finite. Scalar loops (std::nearbyint is a library call) had taken 1.35 ms on
 // a 276 x 4096 input at A8, 0.30 now (2 threads, bench/extension_ab.py): ~8 ms of a 7B decoder layer's W8A8
 // prefill over its seven linears.
 inline float round_even(float v) { return std::nearbyint(v); }
@@ -480,9 +482,9 @@ void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch:
 constexpr int64_t VNNI_MIN_ROWS = 8;
 constexpr int64_t VNNI_MIN_K = 256;
 // 8-bit rows take the VNNI tiles from this many rows of activations on, and below VNNI_MAX_K8 inputs (there
-// |code . q| <= 127 * 127 * K stays below 2^31, so the tiles' modular sums are exact).
+// the biased sums, up to 255 * 127 * K, stay below 2^31).
 constexpr int64_t VNNI_MIN_ROWS8 = 8;
-constexpr int64_t VNNI_MAX_K8 = 1 << 17;
+constexpr int64_t VNNI_MAX_K8 = 1 << 16;
 
 // The instruction set the integer products run on: 512 (AVX-512 VNNI) where the CPU has it, else 2 (AVX2).
 int64_t best_isa() {
@@ -508,6 +510,8 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   TORCH_CHECK(!asym || passes == 1, "lowbit: an asymmetric grid rounds in one pass");
   check(packed, scale, zero, bits, x.size(1));
   TORCH_CHECK(x.size(1) > 0, "lowbit: x must have at least one column");
+  TORCH_CHECK(bits != 8 || x.size(1) < 133144, "lowbit: 8-bit rows need K below 133144 (127 * 127 * K < 2^31), got ",
+              x.size(1));
   x = x.contiguous();
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
   TORCH_CHECK(out.has_value() == cols.has_value(), "lowbit: out and cols go together");
@@ -515,8 +519,9 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   std::vector<int64_t> col(n);
   std::iota(col.begin(), col.end(), 0);
   if (out.has_value()) {
-    TORCH_CHECK(y.dtype() == torch::kFloat32 && y.dim() == 2 && y.size(0) == m && y.stride(1) == 1,
-                "lowbit: out must be (M, columns) fp32 with unit column stride");
+    TORCH_CHECK(y.device().is_cpu() && y.dtype() == torch::kFloat32 && y.dim() == 2 && y.size(0) == m &&
+                y.stride(1) == 1 && (m <= 1 || y.stride(0) >= y.size(1)),
+                "lowbit: out must be (M, columns) fp32 on the CPU, rows apart, with unit column stride");
     TORCH_CHECK(cols->dtype() == torch::kInt64 && cols->dim() == 1 && cols->numel() == n,
                 "lowbit: cols must hold one int64 column per row of packed");
     const auto c = cols->contiguous();
@@ -569,7 +574,7 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   const int32_t* dp = d.data_ptr<int32_t>();
   const float *sc = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  auto dot = [&](int64_t row, int64_t j) {  // exact: the true sum is below 2^31 in size
+  auto dot = [&](int64_t row, int64_t j) {  // exact: both sums are below 2^31 in size
     return static_cast<int32_t>(static_cast<uint32_t>(dp[row * n + j]) - offset[row]);
   };
   at::parallel_for(0, m, 16, [&](int64_t t0, int64_t t1) {
@@ -647,6 +652,7 @@ torch::Tensor half_mm(torch::Tensor x, torch::Tensor w) {
 std::vector<torch::Tensor> round7(torch::Tensor x, int64_t passes, bool u8, bool a8) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "round7: x must be 2-D fp32");
   TORCH_CHECK(passes >= 1 && passes <= 2, "round7: passes must be 1 or 2, got ", passes);
+  TORCH_CHECK(x.size(1) > 0, "round7: x must have at least one column");
   x = x.contiguous();
   const int64_t m = x.size(0), k = x.size(1);
   auto t = torch::empty({passes * m, k}, u8 ? x.options().dtype(torch::kUInt8) : x.options());
