@@ -8,7 +8,6 @@ prompt tokens) and at a one-token decode step, so drift of the machine hits all 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import PREFILL, SHAPES, KVCache, build, timed  # noqa: E402
+from scale import PREFILL, SHAPES, KVCache, build, timed, write_result  # noqa: E402
 
 from qvla import allocator  # noqa: E402
 from qvla.bench import device_info  # noqa: E402
@@ -100,9 +99,7 @@ def main(argv=None) -> int:
               "vs_bf16": {n: {k: med["bf16"][k] / v for k, v in m.items()} for n, m in med.items() if n != "bf16"},
               "prefill_page_faults": {n: statistics.median(v) for n, v in faults.items()},
               "gemm_ms": gemms, "rounds_ms": times}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("median_ms", "vs_bf16", "prefill_page_faults")}, indent=1))
+    write_result(a.out, result, ("median_ms", "vs_bf16", "prefill_page_faults"))
     return 0
 
 

@@ -16,7 +16,6 @@ and the largest relative difference of the layer's outputs is recorded.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import FORMS, PREFILL, SHAPES, KVCache, build, random_plan, timed  # noqa: E402
+from scale import FORMS, PREFILL, SHAPES, KVCache, build, random_plan, timed, write_result  # noqa: E402
 
 from qvla import allocator  # noqa: E402
 from qvla.bench import device_info  # noqa: E402
@@ -75,9 +74,7 @@ def main(argv=None) -> int:
     result = {"device": device_info(a.threads), "toggle": a.toggle, "form": a.form, "layer": "decoder",
               "rounds": a.rounds, "max_relative_difference": rel, "median_ms": med,
               "off_vs_on": {k: med["off"][k] / med["on"][k] for k in ("prefill", "decode")}, "rounds_ms": times}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("median_ms", "off_vs_on", "max_relative_difference")}, indent=1))
+    write_result(a.out, result, ("median_ms", "off_vs_on", "max_relative_difference"))
     return 0
 
 

@@ -200,6 +200,14 @@ def timed(fn) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def write_result(out: str, result: dict, show: tuple[str, ...] = ()) -> None:
+    """The benchmark's JSON to `out`; the keys in `show` printed too."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    if show:
+        print(json.dumps({k: result[k] for k in show}, indent=1))
+
+
 def median_ms(fn, runs: int) -> float:
     fn()
     return statistics.median(timed(fn) for _ in range(runs))
