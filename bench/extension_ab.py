@@ -8,7 +8,6 @@ is not bought with other numbers. Median ms per call.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -16,10 +15,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils.cpp_extension import load
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import timed  # noqa: E402
+from scale import timed, write_result  # noqa: E402
 
 from qvla import allocator  # noqa: E402
 from qvla.bench import device_info  # noqa: E402
@@ -36,8 +34,7 @@ def old_build(rev: str, workdir: Path):
                          text=True, cwd=Path(__file__).parent).stdout
     path = workdir / "lowbit_old.cpp"
     path.write_text(src)
-    return load(name=f"qvla_lowbit_{rev}", sources=[str(path)], extra_cflags=lowbit.CFLAGS,
-                extra_ldflags=lowbit.LDFLAGS, verbose=False)
+    return lowbit.build(f"qvla_lowbit_{rev}", path)
 
 
 def same_round7(a, b, x) -> bool:
@@ -93,8 +90,7 @@ def main(argv=None) -> int:
                          **{name: statistics.median(v) for name, v in ts.items()}})
             print(rows[-1], file=sys.stderr, flush=True)
     result = {"device": device_info(a.threads), "rev": a.rev, "rounds": a.rounds, "same_bits": True, "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    write_result(a.out, result)
     return 0
 
 

@@ -17,7 +17,6 @@ The "streamed" section therefore also times a sweep over STREAM_LAYERS distinct 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from qvla.quant import lowbit
 from qvla.quant.kernels import Int4Kernel, Int8Kernel, LowBitKernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import median_ms  # noqa: E402  (the same timing as the scale benchmark)
+from scale import median_ms, write_result  # noqa: E402  (the same timing as the scale benchmark)
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 276)
 STREAM_LAYERS = 12
@@ -174,8 +173,7 @@ def main(argv=None) -> int:
         result["micro"] = micro(max(a.runs, 200), g)
     if "buckets" in sections:
         result["buckets"] = buckets(a.runs, g)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    write_result(a.out, result)
     return 0
 
 

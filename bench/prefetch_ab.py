@@ -8,25 +8,25 @@ A8), so drift of the machine hits all of them alike. Median ms per layer.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.cpp_extension import load
 
-from qvla import allocator
-from qvla.bench import device_info
-from qvla.quant import lowbit
+sys.path.insert(0, str(Path(__file__).parent))
+from scale import write_result  # noqa: E402
+
+from qvla import allocator  # noqa: E402
+from qvla.bench import device_info  # noqa: E402
+from qvla.quant import lowbit  # noqa: E402
 
 CASES = ((4, 127, 2), (8, 127, 1))  # bits, activation qmax, passes: W4A16 and W8A8
 
 
 def build(distance: int):
-    return load(name=f"qvla_lowbit_prefetch{distance}", sources=[str(lowbit.SOURCE)], verbose=False,
-                extra_cflags=[*lowbit.CFLAGS, f"-DQVLA_PREFETCH={distance}"], extra_ldflags=lowbit.LDFLAGS)
+    return lowbit.build(f"qvla_lowbit_prefetch{distance}", defines=(f"QVLA_PREFETCH={distance}",))
 
 
 @torch.no_grad()
@@ -64,8 +64,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
     result = {"device": device_info(a.threads), "layers": a.layers, "shape": f"{n}x{k}", "rounds": a.rounds, "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    write_result(a.out, result)
     return 0
 
 

@@ -3,8 +3,8 @@
 glibc's malloc gives large freed blocks back to the OS: blocks above its mmap threshold are unmapped on
 free, and the top of the heap is trimmed once more than the trim threshold is free. A fp32 prefill of a
 7B decoder layer allocates and frees a dozen 4-12 MB activations, so every prefill faulted its pages in
-again: ~8,800 page faults per layer, 20-25 ms of a ~90 ms W8A8 prefill on a 2-core AMD EPYC VM, and none
-of bf16's (its activations are half the size; bench/int8_gemm.py). `keep_freed_memory()` raises both
+again: 8,781 page faults per W8A8 prefill on a 2-core AMD EPYC (Zen 5) VM, 96 against 83 ms with them
+kept, and none in bf16's (bench/int8_gemm.py, prefill_page_faults). `keep_freed_memory()` raises both
 thresholds (mallopt), as a deployment would by preloading jemalloc or tcmalloc (the advice of PyTorch's
 CPU performance guides): freed blocks are reused, and the process keeps its peak heap. It is the
 process's setting, so every form a benchmark times in that process runs with it. The benchmarks call it

@@ -58,16 +58,22 @@ def extension():
         log.info("lowbit kernel: this CPU has no AVX2/FMA/F16C; using torch's int4 kernel")
         return None
     try:
-        from torch.utils.cpp_extension import load
-
         # at::parallel_for is inlined into the extension and runs its loop on one thread unless the extension
         # itself is built with OpenMP (torch's CPU wheels use the OpenMP backend; the loader reuses the
         # libgomp torch has already loaded, so there is one thread pool)
-        return load(name="qvla_lowbit", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                    verbose=False)
+        return build("qvla_lowbit")
     except Exception as e:  # no compiler, no ninja, ...: fall back, loudly
         log.warning("lowbit kernel could not be built (%s: %s); using torch's int4 kernel", type(e).__name__, e)
         return None
+
+
+def build(name: str, source: Path = SOURCE, defines: tuple[str, ...] = ()):
+    """The extension compiled from `source` as module `name`, with CFLAGS/LDFLAGS and -D`defines` (the
+    benchmarks build variants of it beside the default one)."""
+    from torch.utils.cpp_extension import load
+
+    return load(name=name, sources=[str(source)], extra_cflags=[*CFLAGS, *(f"-D{d}" for d in defines)],
+                extra_ldflags=LDFLAGS, verbose=False)
 
 
 def available() -> bool:

@@ -73,7 +73,7 @@ class PackedLinear(nn.Module):
             x2 = fake_quant_activation(x2, self.a_bits, self.inp.get("a_clip"))
         if self.direct:
             y = self.buckets[0][1](x2)
-        else:  # folded: in bucket order, the next layer's weights take the permutation
+        else:  # each bucket into its columns (folded: its run of the bucket order, which the next layer's weights take)
             y = (x2.new_zeros if self.pruned else x2.new_empty)(x2.shape[0], self.out_features)
             for cols, (_, kernel) in zip(self.cols, self.buckets):
                 if kernel.writes_into:  # the kernel's epilogue writes the columns in place

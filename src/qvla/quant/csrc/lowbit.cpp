@@ -25,7 +25,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <numeric>
 
 namespace {
 
@@ -516,8 +515,7 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
   TORCH_CHECK(out.has_value() == cols.has_value(), "lowbit: out and cols go together");
   torch::Tensor y = out.has_value() ? *out : torch::empty({m, n}, x.options());
-  std::vector<int64_t> col(n);
-  std::iota(col.begin(), col.end(), 0);
+  std::vector<int64_t> col;  // out's column of each row (only with out)
   if (out.has_value()) {
     TORCH_CHECK(y.device().is_cpu() && y.dtype() == torch::kFloat32 && y.dim() == 2 && y.size(0) == m &&
                 y.stride(1) == 1 && (m <= 1 || y.stride(0) >= y.size(1)),
@@ -525,7 +523,7 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
     TORCH_CHECK(cols->dtype() == torch::kInt64 && cols->dim() == 1 && cols->numel() == n,
                 "lowbit: cols must hold one int64 column per row of packed");
     const auto c = cols->contiguous();
-    std::copy(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + n, col.begin());
+    col.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + n);
     for (int64_t j = 0; j < n; ++j)
       TORCH_CHECK(col[j] >= 0 && col[j] < y.size(1), "lowbit: column ", col[j], " is outside out");
   }
@@ -582,7 +580,7 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
       for (int64_t j = 0; j < n; ++j) {
         double acc = s[t] * dot(t, j);
         if (passes == 2) acc += s[m + t] * dot(m + t, j);
-        yp[t * ldy + col[j]] = static_cast<float>(sc[j] * (acc - zp[j] * xsum[t]));
+        yp[t * ldy + (col.empty() ? j : col[j])] = static_cast<float>(sc[j] * (acc - zp[j] * xsum[t]));
       }
   });
   return y;
