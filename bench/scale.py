@@ -170,6 +170,8 @@ FORMS = {  # name -> (bits for (kind, name, n) or a plan budget, activation bits
     "w4a16": (uniform(4), 16, torch.float32),
     "qvla-8": ((8.0, False), 8, torch.float32),
     "qvla-4": ((4.0, False), 16, torch.float32),  # budget counts bits as stored (= held by qvla's kernel)
+    "qvla-4-a8": ((4.0, False), 8, torch.float32),  # the budget-4 plan with activations at 8 bits (W4A8)
+    "qvla-4-a4": ((4.0, False), 4, torch.float32),  # ... and at 4 bits: the published W4A4 setting
     "qvla-4-held": ((4.0, True), 16, torch.float32),  # 2-bit rows counted as 4 (torch int4 fallback)
     "qvla-4-scatter": ((4.0, False), 16, torch.float32),  # qvla-4 with the permutation undone by index copy
 }

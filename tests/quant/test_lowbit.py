@@ -433,6 +433,37 @@ def test_int8_kernel_rounds_a8_inputs_on_the_plans_grid_itself(gemm, monkeypatch
         Int8Kernel(codes, scale, passes=2, a_bits=8)
 
 
+@pytest.mark.parametrize("gemm", sorted(INT8_GEMMS))
+def test_int8_kernel_multiplies_the_a4_grids_codes_exactly(gemm, monkeypatch):
+    """At A4 the int8 GEMM takes the codes of the plan's asymmetric 4-bit grid themselves: the output is the
+    exact product of the fake-quantized input with the dequantized rows (up to fp32 rounding of the
+    scales), with the extension's codes and with the torch fallback's, which are the same codes; a token
+    holding a NaN or an infinity comes out NaN."""
+    if gemm == "onednn" and not _onednn_int8():
+        pytest.skip("this torch has no oneDNN int8 linear")
+    from qvla.quant.primitives import fake_quant_activation
+
+    g = torch.Generator().manual_seed(4)
+    codes, scale = torch.randint(-127, 128, (50, 261), generator=g), torch.rand(50, generator=g) * 0.01
+    x = torch.randn(13, 261, generator=g) * torch.rand(1, 261, generator=g) * 5
+    x[3], x[4], x[5] = 0.0, 2.0, x[5].abs() + 1  # silent, constant, and all-positive (skewed) tokens
+    k4 = Int8Kernel(codes, scale, gemm=gemm, a_bits=4)
+    assert k4.rounds_input
+    want = fake_quant_activation(x, 4).double() @ (codes.double() * scale.double()[:, None]).T
+    y = k4(x)
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    if lowbit.available():
+        for u8 in (False, True):
+            t, step = lowbit.extension().round_a4(x, u8)
+            assert torch.equal((t.float() - (64 if u8 else 0)) * step, fake_quant_activation(x, 4))
+    monkeypatch.setattr(lowbit, "available", lambda: False)
+    assert torch.equal(k4(x), y)
+    x[1, 7], x[2, 260] = float("nan"), float("inf")  # 260: the extension's scalar tail
+    monkeypatch.undo()
+    out = k4(x)
+    assert out[1:3].isnan().all() and not out[[0, *range(3, 13)]].isnan().any()
+
+
 @needs_kernel
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_kernel_writes_its_rows_into_the_given_columns(bits):

@@ -6,7 +6,7 @@ reports the bytes it holds, and maps (M, K) float32 activations to (M, rows) flo
 | bucket  | kernel                                                  | held in memory        | activations |
 |---------|---------------------------------------------------------|-----------------------|-------------|
 | 8 bits  | qvla's AVX2/VNNI kernel (lowbit.py) for buckets of up to SMALL_INT8_WEIGHTS weights | int8 + fp32 scale | the plan's grid (A8, A4); int8 x 2 passes (A16) |
-| 8 bits  | else torch's oneDNN (or fbgemm) int8 GEMM              | int8 + fp32 scale     | 7-bit per token (see Int8Kernel) |
+| 8 bits  | else torch's oneDNN (or fbgemm) int8 GEMM              | int8 + fp32 scale     | 7-bit per token (see Int8Kernel); A4: the grid's codes |
 | 4, 2    | qvla's AVX2/VNNI low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | the plan's grid (A8, A4); int8 x 2 passes (A16) |
 | 4, 2    | else torch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu) | 4 bits + bf16 scale/zero per group | bf16 |
 | 16      | fp16 rows widened in registers (lowbit.py half_mm) at <= 4 tokens and K >= 1024, else upcast per call for the float GEMM | fp16 | fp32 |
@@ -14,8 +14,8 @@ reports the bytes it holds, and maps (M, K) float32 activations to (M, rows) flo
 The low-bit kernel streams the packed rows at every token count: a block of rows stays in cache while
 all the tokens pass over it, so a prefill reads the weights from memory once. With torch's kernel,
 2-bit rows run as 4-bit codes with the same scale, so in memory they take 4 bits (on disk 2).
-In the 8-bit buckets A4 activations are rounded to their 4-bit grid first and then run through the int8
-kernel (4-bit values are exact int8 values up to the kernel's own rounding).
+In the 8-bit buckets on the int8 GEMM, A4 activations go in as their 4-bit grid's codes, which the GEMM's
+7-bit input holds exactly.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from qvla.quant import lowbit
-from qvla.quant.primitives import fake_quant_activation
+from qvla.quant.primitives import activation_grid, fake_quant_activation
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel accepts
 # 8-bit buckets up to this many weights run on qvla's kernel, larger ones on the int8 GEMM (int8_gemm()). fbgemm
@@ -73,8 +73,9 @@ class _Fbgemm:
                                                       torch.zeros(n, dtype=torch.long), 0)
         self.packed = torch.ops.quantized.linear_prepack(qw, None)
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        if not bool((t.amax(-1) > t.amin(-1)).any()):  # no row spans the range: add one, so scale stays 1
+    def __call__(self, t: torch.Tensor, full: bool = True) -> torch.Tensor:
+        """full: some row of t spans [-64, 63] wherever one is not constant (round7's input; A4 codes do not)."""
+        if not full or not bool((t.amax(-1) > t.amin(-1)).any()):  # no row spans the range: add one, so scale stays 1
             pad = torch.tensor([[-64.0, 63.0] + [0.0] * (t.shape[1] - 2)])[:, : t.shape[1]]
             return torch.ops.quantized.linear_dynamic(torch.cat([t, pad]), self.packed, True)[:-1]
         return torch.ops.quantized.linear_dynamic(t, self.packed, True)
@@ -92,7 +93,7 @@ class _OneDnn:
         self.packed = torch.ops.onednn.qlinear_prepack(codes.to(torch.int8).contiguous(), None)
         self.scale, self.zero = scale.float().contiguous(), torch.zeros(n, dtype=torch.long)
 
-    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+    def __call__(self, u: torch.Tensor, full: bool = True) -> torch.Tensor:  # full: unused (zero point given)
         return torch.ops.onednn.qlinear_pointwise(u, 1.0, 64, self.packed, self.scale, self.zero, None, 1.0, 0,
                                                   torch.float32, "none", [], "")
 
@@ -110,7 +111,8 @@ class Int8Kernel:
     y = step * (W t) + (lo + 64 step) * rowsum(W). That is per-token asymmetric 7-bit quantization,
     about 6 dB short of the simulated symmetric 8-bit one, and the same numbers on either GEMM. With
     `passes=2` (A16 settings) the rounding residual takes a second pass: ~14-bit activations for twice the
-    GEMM time.
+    GEMM time. At A4 the GEMM takes the codes of the plan's asymmetric 4-bit grid as they are (they fit its
+    7-bit input): y = step * (W codes), the rounding the plan simulates, exactly, in one sweep.
     """
 
     LEVELS = 127  # steps between a token's min and max: 128 codes, the kernel's reduced range
@@ -122,10 +124,10 @@ class Int8Kernel:
             raise ValueError(f"A{a_bits} inputs take one pass, got passes={passes}")
         self.passes = passes
         # at A8 the extension rounds each token on the plan's grid itself, in the sweep that makes the
-        # GEMM's input (the same floats as primitives.fake_quant_activation); at A4, or without it, the
-        # caller rounds first
-        self.a8 = a_bits == 8 and lowbit.available()
-        self.rounds_input = self.a8
+        # GEMM's input (the same floats as primitives.fake_quant_activation; without it the caller rounds
+        # first); at A4 the kernel makes the grid's codes itself, with or without the extension
+        self.a8, self.a4 = a_bits == 8 and lowbit.available(), a_bits == 4
+        self.rounds_input = self.a8 or self.a4
         self.gemm = gemm or int8_gemm()
         self.name = f"{self.gemm}-int8"
         self.mm = INT8_GEMMS[self.gemm](codes, scale)
@@ -156,7 +158,18 @@ class Int8Kernel:
         t = torch.cat(ts)
         return (t + 64).to(torch.uint8) if self.mm.u8 else t, torch.cat(steps), torch.cat(bases)
 
+    def _codes4(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A4: -> (t (M, K), step) with the plan's 4-bit rounding of x = t * step; t as the GEMM takes it."""
+        if lowbit.available():
+            return tuple(lowbit.extension().round_a4(x.contiguous(), self.mm.u8))
+        step, lo, hi = activation_grid(x, 4)
+        t = torch.clamp(torch.round(x / step), lo, hi)
+        return (t + 64).to(torch.uint8) if self.mm.u8 else t, step
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a4:
+            t, step = self._codes4(x)
+            return self.mm(t, full=False).mul_(step)
         t, step, base = self._rounded(x)
         m = x.shape[0]
         z = self.mm(t)

@@ -676,6 +676,66 @@ std::vector<torch::Tensor> round7(torch::Tensor x, int64_t passes, bool u8, bool
   return {t, step, base};
 }
 
+// The int8 GEMM's input at A4 (kernels.Int8Kernel): each token's codes on the plan's asymmetric 4-bit grid,
+// as primitives.activation_grid lays it (lo = min(min x, 0), hi = max(max x, 0), step = max(hi - lo, 1e-8) / 15,
+// z = round(-lo / step), codes clamp(round(x / step), -z, 15 - z): the same operations, so the same codes).
+// The codes fit the GEMM's 7-bit input as they are, so it multiplies the plan's own rounding exactly and
+// y = step * (W codes): one sweep, no second rounding. -> (t (M, K), step (M, 1)); t float codes (fbgemm)
+// or, with u8, uint8 codes + 64 (oneDNN, zero point 64). A token holding a NaN or an infinity gets step NaN
+// (codes 0), so its outputs are NaN as the float layer's would be.
+std::vector<torch::Tensor> round_a4(torch::Tensor x, bool u8) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "round_a4: x must be 2-D fp32");
+  TORCH_CHECK(x.size(1) > 0, "round_a4: x must have at least one column");
+  x = x.contiguous();
+  const int64_t m = x.size(0), k = x.size(1);
+  auto t = torch::empty({m, k}, u8 ? x.options().dtype(torch::kUInt8) : x.options());
+  auto step = torch::empty({m, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* sp = step.data_ptr<float>();
+  at::parallel_for(0, m, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t i = t0; i < t1; ++i) {
+      const float* r = xp + i * k;
+      float* f = u8 ? nullptr : t.data_ptr<float>() + i * k;
+      uint8_t* u = u8 ? t.data_ptr<uint8_t>() + i * k : nullptr;
+      float lo, hi;
+      min_max(r, k, &lo, &hi);
+      lo = std::min(lo, 0.0f), hi = std::max(hi, 0.0f);
+      const float st = std::max(hi - lo, 1e-8f) / 15.0f, z = round_even(-lo / st);
+      const __m256 vst = _mm256_set1_ps(st), vlo = _mm256_set1_ps(-z), vhi = _mm256_set1_ps(15.0f - z),
+                   off = _mm256_set1_ps(64.0f);
+      __m256 bad = _mm256_setzero_ps();  // NaN iff the token holds a NaN or an infinity
+      int64_t j = 0;
+      for (; j + 8 <= k; j += 8) {
+        const __m256 v = _mm256_loadu_ps(r + j);
+        bad = _mm256_add_ps(bad, _mm256_mul_ps(v, _mm256_setzero_ps()));
+        const __m256 q = _mm256_min_ps(vhi, _mm256_max_ps(vlo, round_even(_mm256_div_ps(v, vst))));
+        if (f) {
+          _mm256_storeu_ps(f + j, q);
+        } else {  // q + 64 in [49, 79]: to bytes
+          const __m256i c = _mm256_cvtps_epi32(_mm256_add_ps(q, off));
+          const __m128i c16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(u + j), _mm_packus_epi16(c16, c16));
+        }
+      }
+      alignas(32) float flags[8];
+      _mm256_store_ps(flags, bad);
+      bool finite = std::none_of(flags, flags + 8, [](float v) { return std::isnan(v); });
+      for (; j < k; ++j) {
+        finite = finite && std::isfinite(r[j]);
+        const float q = std::min(15.0f - z, std::max(-z, round_even(r[j] / st)));
+        if (f) f[j] = q;
+        else u[j] = static_cast<uint8_t>(q + 64.0f);
+      }
+      sp[i] = finite ? st : NAN;
+      if (!finite) {  // codes 0: the outputs are step * 0 = NaN
+        if (f) std::fill(f, f + k, 0.0f);
+        else std::fill(u, u + k, uint8_t{64});
+      }
+    }
+  });
+  return {t, step};
+}
+
 // The fp32 weight (N, K) the packed rows encode.
 torch::Tensor lowbit_dequant(torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, int64_t bits,
                              int64_t k) {
@@ -714,6 +774,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &best_isa, "the instruction set mm runs on by default: 512 (AVX-512 VNNI) or 2 (AVX2)");
   m.def("round7", &round7, "per-token 7-bit int8-GEMM input in 1-2 passes -> (t, step, base); u8: t + 64 as uint8; a8: on the A8 grid first",
         py::arg("x"), py::arg("passes"), py::arg("u8") = false, py::arg("a8") = false);
+  m.def("round_a4", &round_a4, "per-token codes on the plan's A4 grid as the int8 GEMM's input -> (t, step); u8: codes + 64 as uint8",
+        py::arg("x"), py::arg("u8") = false);
   m.def("dequant", &lowbit_dequant, "packed 2/4/8-bit rows -> fp32 (N, K)");
   m.def("half_mm", &half_mm, "x (M, K) fp32 . fp16 rows (N, K) -> (M, N) fp32, the rows widened in registers");
   m.def("threads_used", &lowbit_threads_used, "threads the extension's parallel loops run on");
