@@ -11,6 +11,7 @@ decoder prefill of 256 image + 20 prompt tokens, then 7 single-token decode step
 each ending in the LM head. Forms compared: fp32, bf16, uniform W8A8 and W4A16 (RTN), and QVLA plans
 at average budgets 8 and 4 allocated by the global greedy from random per-channel sensitivities
 (lognormal channel importance times the 2^-b error of each width; pruning costs most).
+The budget-4 plan also runs at W4A8 and W4A4 (`qvla-4-a8`, `qvla-4-a4`) and not only at W4A16.
 
     python bench/scale.py --out results/scale/cpu.json        # ~15 min on 2 cores
 """
