@@ -225,7 +225,46 @@ def test_lcp_suffix_prices_pruning_instead_of_the_role_rule():
     assert priced.no_prune == () and priced.layer_calibrate and priced.layer_calibrate_prune
     assert priced.method == "qvla-gptq"
     assert QuantConfig(method="qvla+lcp", w_bits=3, no_prune=("llm",)).no_prune == ("llm",)
-    with pytest.raises(ValueError, match="two layer calibrations"):
+    with pytest.raises(ValueError, match="three layer calibrations"):
         QuantConfig(method="qvla+lc+lcp")
     with pytest.raises(ValueError, match=r"\+lc rescales"):
         QuantConfig(method="rtn+lcp")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_linearized_deviation_is_the_first_order_term_of_the_measured_one(toy, toy_obs, sens, bits):
+    """'+lcl': the whole layer's ||J dy|| matches the measured deviation to first order (the closer the finer
+    the rounding), never exceeds the sum of its channels' projected costs (triangle inequality), and for a
+    layer with one output channel quantized equals that channel's projected cost."""
+    steps, w1 = S.batches(toy, toy_obs, 8), torch.ones(len(toy_obs)).double()
+    plan = {"3": torch.full((16,), bits), "5": torch.full((6,), bits)}
+    lin = L.linearized_deviations(toy, steps, plan, 16, w1)
+    truth = L.layer_deviations(toy, steps, "action", plan, 16, w1)
+    channels = L.predicted(sens.projected, plan)
+    for n in plan:
+        assert lin[n] == pytest.approx(truth[n], rel=0.02 if bits == 8 else 0.15), n
+        assert lin[n] <= channels[n] * (1 + 1e-6), n
+    one = {"3": torch.tensor([16] * 5 + [2] + [16] * 10)}
+    assert L.linearized_deviations(toy, steps, one, 16, w1)["3"] == pytest.approx(
+        L.predicted(sens.projected, one)["3"], rel=1e-4)
+
+
+def test_lcl_compares_each_layer_with_its_linearization(toy, toy_obs, sens):
+    """With the linearized baseline the unit is 1 and the history records both baselines; the suffix needs
+    the action distance and does not combine with the other layer calibrations."""
+    cfg = QuantConfig(method="qvla+lcl", w_bits=3)
+    assert cfg.layer_calibrate and cfg.layer_calibrate_linear
+    got = L.calibrate_layers(toy, sens, lambda s: make_plan(toy, cfg, s).bits, toy_obs, "projected", rounds=1,
+                             baseline="linearized")
+    meta = got.meta["layer_calibration"]
+    assert meta["baseline"] == "linearized"
+    first = meta["history"][0]
+    assert first["unit"] == 1.0 and set(first["predicted_channels"]) == set(first["predicted"])
+    for n, s in got.meta["layer_scale"].items():  # scales: how far the truth exceeds the linearization
+        assert s == pytest.approx(max(1.0, first["truth"][n] / first["predicted"][n]), abs=1e-4), n
+    with pytest.raises(ValueError, match="three layer calibrations"):
+        QuantConfig(method="qvla+lc+lcl")
+    with pytest.raises(ValueError, match="--form action"):
+        QuantConfig(method="qvla+lcl", form="logits")
+    with pytest.raises(ValueError, match="baseline"):
+        L.calibrate_layers(toy, sens, lambda s: make_plan(toy, cfg, s).bits, toy_obs, "projected", baseline="x")

@@ -24,6 +24,14 @@ does not change the allocation): a layer is rescaled by how much worse than the 
 does, scale_l = max(scale_l, ratio_l / median_k ratio_k). KL costs (token heads, Fisher form) add up, so
 their unit is 1.
 
+'+lcl' (form "action" only) replaces that unit with an additive baseline: each layer's measured deviation is
+compared with its own first-order prediction, the linearized error of the whole layer,
+pred_l = sum_n ||J_n dy_n,l|| (dy_n,l: the layer's output error at its planned bits, every channel at once; J_n
+from one backward pass per output dimension). The ratio then measures only how far the layer is from its
+linearization, e.g. where most of it is pruned, and the unit is 1. The channel sum also holds the
+cancellation between channels, which differs from layer to layer (0.1-0.7x on the chunk policy), and the
+median unit only approximates it.
+
 Scales only grow: a layer found worse than its proxy stays penalized after the allocation backs off from it,
 rather than being cut again in the next round; a layer the proxy overestimates keeps its raw costs. Measured
 with the same quantizer the sensitivities were (the plan's fake-quant layer with RTN at the planned bits,
@@ -42,12 +50,17 @@ from qvla.quant.apply import FACTORIES
 from qvla.quant.sensitivity import (
     SENS_BITS,
     Sensitivity,
+    _probe_scalars,
+    _Recorder,
     batches,
+    output_errors,
+    per_sample,
     per_step_deviation,
     quantizable,
 )
 
 ROUNDS = 3
+BASELINES = ("channels", "linearized")
 
 
 @torch.no_grad()
@@ -72,6 +85,49 @@ def layer_deviations(policy, batches: list[dict], form: str, bits: dict[str, tor
         finally:
             setattr(holder, child, mod)
         out[n] = float((dev.double() * step_w).sum())
+    return out
+
+
+def linearized_deviations(policy, batches: list[dict], bits: dict[str, torch.Tensor], a_bits: int,
+                          step_w: torch.Tensor, transforms: dict[str, dict[str, torch.Tensor]] | None = None
+                          ) -> dict[str, float]:
+    """layer -> weighted sum over calibration steps of ||J dy_layer||, the first-order prediction of
+    layer_deviations' action deviation (form "action"): dy_layer is the layer's output error with every
+    channel at its planned bits (the same RTN rounding, activation rounding and transform), J the Jacobian
+    of the actions w.r.t. the layer's output, one exact backward pass per action dimension."""
+    model = policy.model.eval()
+    targets = {n: model.get_submodule(n) for n in bits}
+    names = list(targets)
+    cols = {n: torch.tensor([SENS_BITS.index(int(x)) for x in bits[n]]) for n in names}
+    out = {n: 0.0 for n in names}
+    rec, start = _Recorder(targets), 0
+    try:
+        for b in batches:
+            rec.active = True
+            with torch.enable_grad():
+                y = policy.action_outputs(b, "action")
+            rec.active = False
+            B = y.shape[0]
+            dy = {}
+            for n in names:
+                errs = torch.stack(list(output_errors(targets[n], rec.inputs[n], a_bits, B,
+                                                      (transforms or {}).get(n)).values()), -1)  # (B, T, C, 5)
+                dy[n] = errs.gather(-1, cols[n].view(1, 1, -1, 1).expand(*errs.shape[:-1], 1)).squeeze(-1)
+            sq = {n: torch.zeros(B, dtype=torch.float64) for n in names}
+            ys = [rec.outputs[n] for n in names]
+            for scalar, _ in _probe_scalars(y, "action", None, None):
+                grads = torch.autograd.grad(scalar, ys, retain_graph=True, allow_unused=True)
+                for n, g in zip(names, grads):
+                    if g is not None:
+                        lin = (per_sample(g, B, isinstance(targets[n], torch.nn.Conv2d)) * dy[n]).sum((1, 2))
+                        sq[n] += lin.double().pow(2)
+            w = step_w[start:start + B]
+            for n in names:
+                out[n] += float((sq[n].sqrt() * w).sum())
+            start += B
+            del y, ys, dy
+    finally:
+        rec.close()
     return out
 
 
@@ -110,7 +166,7 @@ def split_pruning(bits: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: list, table: str,
                      weights: torch.Tensor | None = None, rounds: int = ROUNDS, batch_size: int = 32,
                      transforms: dict[str, dict[str, torch.Tensor]] | None = None, log=None,
-                     prune_apart: bool = False) -> Sensitivity:
+                     prune_apart: bool = False, baseline: str = "channels") -> Sensitivity:
     """R rounds of allocate -> measure each quantized layer -> rescale its costs (see the module docstring).
 
     allocate_bits(sens) -> layer -> (C,) bits: the method's own allocation, so that layers are measured at the
@@ -125,7 +181,16 @@ def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: lis
     ratio, the rest of its table by the first (the unit is the median rounding ratio). Cutting most of a
     layer is far from a small perturbation while rounding it is not, so one scale per layer either
     overprices its rounding or underprices its pruning. The history's "truth" / "predicted" are then the
-    rounding's, "truth_pruning" / "predicted_pruning" the pruning's."""
+    rounding's, "truth_pruning" / "predicted_pruning" the pruning's.
+
+    baseline: what a layer's measured deviation is compared with: "channels", the sum of its channels' costs
+    (unit: the median ratio under the action distance, 1 for KL), or "linearized" ('+lcl', form "action"), the
+    first-order prediction of the whole layer's deviation (linearized_deviations; unit 1). The history's
+    "predicted" is the baseline's, "predicted_channels" the channel sum."""
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if baseline == "linearized" and (sens.meta["form"] != "action" or prune_apart):
+        raise ValueError("the linearized baseline ('+lcl') is for the action distance (form 'action'), without '+lcp'")
     if rounds < 1:
         raise ValueError(f"layer calibration needs at least one round, got {rounds}")
     if bool(sens.meta.get("transforms")) != bool(transforms):
@@ -145,12 +210,18 @@ def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: lis
         bits = allocate_bits(current)
         rounding, pruning = split_pruning(bits) if prune_apart else (bits, {})
         truth = layer_deviations(policy, steps, form, rounding, a_bits, step_w, transforms)
-        pred = predicted(raw, {n: rounding[n] for n in truth})
+        channels = predicted(raw, {n: rounding[n] for n in truth})
+        if baseline == "linearized":
+            pred = linearized_deviations(policy, steps, {n: rounding[n] for n in truth}, a_bits, step_w, transforms)
+        else:
+            pred = channels
         ratio = {n: truth[n] / pred[n] for n in truth if pred[n] > 0}
-        unit = float(np.median(list(ratio.values()))) if form == "action" and ratio else 1.0
+        unit = float(np.median(list(ratio.values()))) if form == "action" and baseline == "channels" and ratio else 1.0
         unit = unit if unit > 0 else 1.0  # most layers measured no deviation at all: compare with 1
         entry = {"round": r, "final": r == rounds, "truth": truth, "predicted": pred, "unit": unit,
                  "pruned": {n: int((bits[n] == 0).sum()) for n in truth}}
+        if baseline != "channels":
+            entry["predicted_channels"] = channels
         prune_ratio = {}
         if pruning:
             truth0 = layer_deviations(policy, steps, form, pruning, a_bits, step_w, transforms)
@@ -173,6 +244,6 @@ def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: lis
         for n, q in prune_ratio.items():
             prune_scale[n] = max(prune_scale[n], q / unit)
         current = scaled(sens, scale, prune_scale)
-    current.meta["layer_calibration"] = {"rounds": rounds, "table": table, "history": history,
+    current.meta["layer_calibration"] = {"rounds": rounds, "table": table, "history": history, "baseline": baseline,
                                          **({"prune_apart": True} if prune_apart else {})}
     return current

@@ -120,13 +120,14 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
                 sens = calibrate_layers(policy, sens, lambda s: qvla_plan(policy, cfg, s).bits, observations,
                                         cfg.proxy, step_weights(observations, cfg.weighting),
                                         transforms=transforms[1] if transforms else None, log=log.info,
-                                        prune_apart=cfg.layer_calibrate_prune)
+                                        prune_apart=cfg.layer_calibrate_prune,
+                                        baseline="linearized" if cfg.layer_calibrate_linear else "channels")
         # what each kind of method calibrates on; the baselines ("observations") per layer on the same steps
         calibration = {None: lambda: None, "observations": lambda: observations, "sensitivity": lambda: sens,
                        "both": lambda: (sens, observations), "transformed": lambda: (sens, transforms[1], observations)}[needs]()
         plan = METHODS[cfg.method](policy, cfg, calibration, provenance)
         if cfg.layer_calibrate:
-            plan.method = f"{plan.method}{'+lcp' if cfg.layer_calibrate_prune else '+lc'}"
+            plan.method += "+lcp" if cfg.layer_calibrate_prune else "+lcl" if cfg.layer_calibrate_linear else "+lc"
         for stage, _ in refine:  # activation clipping, then bias correction (which sees the clipped layer)
             plan = stage(policy, plan, observations)
     plan.provenance["weights_sha256"] = weights

@@ -13,7 +13,8 @@ from qvla.quant.primitives import BITS
 SUFFIXES = {"+ac": "act_clip",  # activation clipping ratios (activation_clip.py)
             "+bc": "bias_correct",  # bias correction (bias_correction.py)
             "+lc": "layer_calibrate",  # sensitivities rescaled per layer by measured deviation (layer_calibration.py)
-            "+lcp": "layer_calibrate_prune"}  # +lc with each layer's pruning measured and priced apart from its rounding
+            "+lcp": "layer_calibrate_prune",  # +lc with each layer's pruning measured and priced apart from its rounding
+            "+lcl": "layer_calibrate_linear"}  # +lc against each layer's linearized deviation (action distance)
 
 
 def split_method(name: str) -> tuple[str, set[str]]:
@@ -55,14 +56,17 @@ class QuantConfig:
     weighting: str = "steps"  # calibration steps weigh 1 each ("steps") or each episode weighs the same ("episode")
     layer_calibrate: bool = False  # method "M+lc": a QVLA method allocating from layer-calibrated sensitivities
     layer_calibrate_prune: bool = False  # method "M+lcp": +lc with pruning and rounding calibrated apart
+    layer_calibrate_linear: bool = False  # method "M+lcl": +lc against the whole layer's linearized deviation
 
     def __post_init__(self) -> None:
         self.method, suffixes = split_method(self.method)
         for s in suffixes:
             setattr(self, SUFFIXES[s], True)
-        if self.layer_calibrate and self.layer_calibrate_prune:
-            raise ValueError("+lc and +lcp are two layer calibrations; give one")
-        self.layer_calibrate = self.layer_calibrate or self.layer_calibrate_prune
+        if self.layer_calibrate + self.layer_calibrate_prune + self.layer_calibrate_linear > 1:
+            raise ValueError("+lc, +lcp and +lcl are three layer calibrations; give one")
+        if self.layer_calibrate_linear and self.form != "action":
+            raise ValueError("+lcl compares with the linearized action deviation: it needs --form action")
+        self.layer_calibrate = self.layer_calibrate or self.layer_calibrate_prune or self.layer_calibrate_linear
         if self.no_prune is None:  # +lcp prices pruning by measurement instead of the rule by role
             rule = next((roles for below, roles in NO_PRUNE_BELOW if self.w_bits < below), ())
             self.no_prune = () if self.layer_calibrate_prune else rule
