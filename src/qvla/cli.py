@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", default=None)
     q.add_argument("--suite", default="mt10")
     q.add_argument("--form", default="action", choices=["action", "logits"])
-    q.add_argument("--proxy", default="projected", choices=["product", "projected"],
-                   help="projected = ||J dx|| (default: Spearman 0.999 vs truth); product = ||J||*||dx||")
+    q.add_argument("--proxy", default="projected", choices=["product", "projected", "energy"],
+                   help="projected = ||J dx|| (default: Spearman 0.999 vs truth); product = ||J||*||dx||; "
+                        "energy = ||J dx||^2, which adds up over channels whose errors are uncorrelated")
     q.add_argument("--solver", default="greedy", choices=["greedy", "exact"])
     q.add_argument("--keep", nargs="*", default=[], metavar="ROLE=BITS",
                    help="lowest bits allowed for a role or re:REGEX layer pattern, e.g. lm_head=16")

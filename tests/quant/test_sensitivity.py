@@ -143,7 +143,7 @@ def test_compute_refuses_a_form_the_policy_lacks(make_toy, toy_obs):
 def test_save_load_round_trip(tmp_path, sens):
     S.save(tmp_path / "s.safetensors", sens, {"policy": "toy", "episodes": ["a", "b"]})
     back, meta = S.load(tmp_path / "s.safetensors")
-    for table in ("product", "projected", "jacobian"):
+    for table in ("product", "projected", "jacobian", "energy"):
         a, b = getattr(sens, table), getattr(back, table)
         assert list(b) == list(a) and all(torch.equal(a[n], b[n]) for n in a)
     assert back.fan_in == sens.fan_in and back.roles == sens.roles and back.meta == sens.meta
@@ -173,3 +173,42 @@ def test_episode_weighting_makes_every_episode_weigh_the_same(make_toy, toy_obs)
     for n in plain.projected:
         assert torch.allclose(weighted.projected[n], 2 * plain.projected[n], rtol=1e-4, atol=1e-9)
         assert torch.allclose(weighted.product[n], 2 * plain.product[n], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("bins,form", [(0, "action"), (3, "logits")])
+def test_energy_is_the_square_of_the_projected_term_summed_over_steps(make_toy, toy_obs, bins, form):
+    """energy = sum_n ||J dy||^2 (action) or, for the Fisher KL, which is quadratic already, the projected
+    table itself. One step at a time it is exactly projected^2; summed over steps it is no larger than
+    projected^2 (sum of squares <= square of the sum) and no smaller than projected^2 / steps (Cauchy-Schwarz)."""
+    pol = make_toy(out=6, bins=bins)
+    sens = S.compute(pol, toy_obs, form=form, batch_size=8, probes=4 if form == "logits" else None)
+    for n in sens.projected:
+        p, e = sens.projected[n], sens.energy[n]
+        if form == "logits":
+            assert torch.equal(e, p), n
+            continue
+        assert (e <= p.pow(2) * (1 + 1e-9)).all() and (e >= p.pow(2) / len(toy_obs) * (1 - 1e-9)).all(), n
+    if form == "action":
+        one = S.compute(pol, toy_obs[:1], form=form)
+        for n in one.projected:
+            assert torch.allclose(one.energy[n], one.projected[n].pow(2), rtol=1e-9, atol=1e-30), n
+
+
+def test_a_cached_table_without_energy_is_measured_again(tmp_path, make_toy, toy_obs, monkeypatch):
+    """Sensitivity files written before the energy table existed load with an empty one; asked for the energy
+    proxy, sensitivity_for measures them again rather than allocating from nothing."""
+    import dataclasses
+
+    from qvla.quant import pipeline
+
+    pol = make_toy()
+    manifest = {"weights_sha256": "w", "episodes": [{"id": "e"}]}
+    monkeypatch.setattr(pipeline, "step_weights", lambda obs, w: torch.ones(len(obs), dtype=torch.float64))
+    old = dataclasses.replace(S.compute(pol, toy_obs, batch_size=8), energy={})
+    sens, file = pipeline.sensitivity_for(pol, toy_obs, manifest, tmp_path, "action", 16, batch_size=8)
+    S.save(file, old, {})  # the cache now holds a file without energy
+    assert not S.load(file)[0].energy
+    reused, _ = pipeline.sensitivity_for(pol, toy_obs, manifest, tmp_path, "action", 16, batch_size=8)
+    assert not reused.energy  # the projected proxy reuses it as it is
+    again, _ = pipeline.sensitivity_for(pol, toy_obs, manifest, tmp_path, "action", 16, batch_size=8, table="energy")
+    assert again.energy and S.load(file)[0].energy  # measured again and the cache replaced

@@ -152,7 +152,8 @@ def scaled(sens: Sensitivity, scale: dict[str, float], prune_scale: dict[str, fl
     meta = {**sens.meta, "layer_scale": {n: round(s, 4) for n, s in scale.items()}}
     if prune_scale is not None:
         meta["layer_prune_scale"] = {n: round(s, 4) for n, s in prune_scale.items()}
-    return dataclasses.replace(sens, product=mul(sens.product), projected=mul(sens.projected), meta=meta)
+    return dataclasses.replace(sens, product=mul(sens.product), projected=mul(sens.projected),
+                               energy=mul(sens.energy), meta=meta)
 
 
 def split_pruning(bits: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -187,6 +188,9 @@ def calibrate_layers(policy, sens: Sensitivity, allocate_bits, observations: lis
     (unit: the median ratio under the action distance, 1 for KL), or "linearized" ('+lcl', form "action"), the
     first-order prediction of the whole layer's deviation (linearized_deviations; unit 1). The history's
     "predicted" is the baseline's, "predicted_channels" the channel sum."""
+    if table not in ("product", "projected"):
+        raise ValueError(f"layer calibration compares summed action distances with the {table!r} table's units; "
+                         "use the product or projected proxy")
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if baseline == "linearized" and (sens.meta["form"] != "action" or prune_apart):

@@ -58,9 +58,10 @@ def step_weights(observations, weighting: str) -> torch.Tensor:
 
 def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, form: str, a_bits: int,
                     batch_size: int = 16, probes: int | None = None, cache: bool = True,
-                    transforms: tuple[str, dict] | None = None, weighting: str = "steps"
+                    transforms: tuple[str, dict] | None = None, weighting: str = "steps", table: str = "projected"
                     ) -> tuple[S.Sensitivity, Path]:
-    """transforms: (label, layer -> transform) to measure the transformed layers (keyed by their digest)."""
+    """transforms: (label, layer -> transform) to measure the transformed layers (keyed by their digest).
+    A cached file made before the table the allocation reads existed (energy) is measured again and replaced."""
     parts = [manifest["weights_sha256"], form, a_bits, len(observations), batch_size, probes,
              [e["id"] for e in manifest["episodes"]]]
     if transforms:
@@ -75,8 +76,11 @@ def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, for
     label = (f"-{transforms[0]}" if transforms else "") + (f"-{weighting}" if weighting != "steps" else "")
     file = Path(calib) / f"sensitivity-{form}-a{a_bits}{label}-{key}.safetensors"
     if cache and file.is_file():
-        log.info("reusing %s", file)
-        return S.load(file)[0], file
+        sens = S.load(file)[0]
+        if getattr(sens, table):
+            log.info("reusing %s", file)
+            return sens, file
+        log.info("%s has no %s table: measuring again", file, table)
     sens = S.compute(policy, observations, form=form, a_bits=a_bits, batch_size=batch_size, probes=probes,
                      progress=lambda it: tqdm(it, desc=f"sensitivity ({form}, A{a_bits}{label})", unit="batch"),
                      transforms=transforms, weights=step_weights(observations, weighting))
@@ -114,7 +118,8 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
             if needs == "transformed":  # measured on the layers after the method's own transforms
                 transforms = (TRANSFORMED[cfg.method], transforms_for(cfg.method)(policy, cfg, observations))
             sens, file = sensitivity_for(policy, observations, manifest, calib, cfg.form, cfg.a_bits,
-                                         cfg.batch_size, cfg.probes, transforms=transforms, weighting=cfg.weighting)
+                                         cfg.batch_size, cfg.probes, transforms=transforms, weighting=cfg.weighting,
+                                         table=cfg.proxy)
             provenance["sensitivity_file"] = str(file)
             if cfg.layer_calibrate:
                 sens = calibrate_layers(policy, sens, lambda s: qvla_plan(policy, cfg, s).bits, observations,

@@ -33,6 +33,7 @@ def split_method(name: str) -> tuple[str, set[str]]:
 # and -4.5, not significant: mixed evidence, see the README).
 # An explicit QuantConfig.no_prune (--no-prune, even empty) replaces it, and so does '+lcp', which measures
 # each layer's pruning apart from its rounding and prices it by what it measures.
+PROXIES = ("projected", "product", "energy")  # which sensitivity table the allocation reads
 NO_PRUNE_BELOW: tuple[tuple[float, tuple[str, ...]], ...] = ((4.0, ("vision",)),)
 
 
@@ -42,7 +43,7 @@ class QuantConfig:
     w_bits: float = 4.0  # average weight bits per weight over all quantized layers (the budget)
     a_bits: int = 16  # activation bits: 16 (weight-only), 8 or 4
     form: str = "action"  # sensitivity output: "action" (continuous / expected action) or "logits" (KL)
-    proxy: str = "projected"  # "projected" = ||J dx|| (ranks like the truth), or "product" = ||J||*||dx||
+    proxy: str = "projected"  # "projected" = ||J dx|| (ranks like the truth), "product" = ||J||*||dx||, "energy" = ||J dx||^2
     solver: str = "greedy"  # "greedy" or "exact" (MILP)
     pins: dict[str, int] = field(default_factory=dict)  # role or "re:<layer regex>" -> lowest bits allowed
     no_prune: tuple[str, ...] | None = None  # roles in which 0 bits is forbidden; None: NO_PRUNE_BELOW's
@@ -85,8 +86,11 @@ class QuantConfig:
         for key, b in self.pins.items():
             if b not in BITS:
                 raise ValueError(f"pin {key}={b}: bits must be one of {BITS}")
-        if self.proxy not in ("product", "projected") or self.solver not in ("greedy", "exact"):
-            raise ValueError(f"proxy must be product|projected and solver greedy|exact, got {self.proxy}, {self.solver}")
+        if self.proxy not in PROXIES or self.solver not in ("greedy", "exact"):
+            raise ValueError(f"proxy must be one of {'|'.join(PROXIES)} and solver greedy|exact, got {self.proxy}, {self.solver}")
+        if self.proxy == "energy" and self.layer_calibrate:
+            raise ValueError("layer calibration (+lc, +lcp, +lcl) compares action distances, not their squares: "
+                             "use --proxy projected or product with it")
 
         if self.weighting not in ("steps", "episode"):
             raise ValueError(f"--weighting must be 'steps' or 'episode', got {self.weighting!r}")
