@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "omniquant, quarot); suffixes add refining stages: '+ac' activation clipping (A8/A4), '+bc' bias correction, "
                         "'+lc' layer-calibrated sensitivities (QVLA family), '+lcp' the same with each layer's pruning "
                         "measured and priced apart (and no default no-prune rule), '+lcl' compared with each layer's linearized "
-                        "deviation instead of its channel sum (--form action)")
+                        "deviation instead of its channel sum (--form action), '+at' the codes kept and every quantized layer's scales "
+                        "and bias trained end to end on the action deviation (calibration episodes, one in five held out)")
     q.add_argument("--w-bits", type=float, required=True, help="average weight bits per weight (budget)")
     q.add_argument("--a-bits", type=int, default=16, choices=[4, 8, 16])
     q.add_argument("--calib", default=None)

@@ -18,6 +18,7 @@ from qvla.calibrate import load_calibration
 from qvla.checkpoint import WEIGHTS, read_meta, save_checkpoint, sha256
 from qvla.cpu_mode import stage_mode
 from qvla.quant import sensitivity as S
+from qvla.quant.action_tuning import tune_to_actions
 from qvla.quant.activation_clip import clip_activations
 from qvla.quant.apply import quantize_, quantized_tensors
 from qvla.quant.bias_correction import correct_biases
@@ -99,8 +100,13 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
 
     provenance: dict = {"policy_ref": str(policy_ref), "config": {**cfg.__dict__, "no_prune": list(cfg.no_prune)}}
     needs = NEEDS[cfg.method]
+    def tune(policy, plan, observations):
+        return tune_to_actions(policy, plan, observations, cfg.form, step_weights(observations, cfg.weighting),
+                               log=log.info)
+
     refine = [(f, label) for f, on, label in ((clip_activations, cfg.act_clip, "activation clipping (+ac)"),
-                                                (correct_biases, cfg.bias_correct, "bias correction (+bc)")) if on]
+                                                (correct_biases, cfg.bias_correct, "bias correction (+bc)"),
+                                                (tune, cfg.action_tune, "action tuning (+at)")) if on]
     if refine and calib is None:
         raise ValueError(f"{refine[0][1]} of {cfg.method} needs --calib (a directory written by 'qvla calibrate')")
     if needs is None and not refine:
@@ -133,7 +139,7 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
         plan = METHODS[cfg.method](policy, cfg, calibration, provenance)
         if cfg.layer_calibrate:
             plan.method += "+lcp" if cfg.layer_calibrate_prune else "+lcl" if cfg.layer_calibrate_linear else "+lc"
-        for stage, _ in refine:  # activation clipping, then bias correction (which sees the clipped layer)
+        for stage, _ in refine:  # activation clipping, bias correction (which sees the clipped layer), action tuning
             plan = stage(policy, plan, observations)
     plan.provenance["weights_sha256"] = weights
     quantize_(policy, plan)

@@ -14,7 +14,8 @@ SUFFIXES = {"+ac": "act_clip",  # activation clipping ratios (activation_clip.py
             "+bc": "bias_correct",  # bias correction (bias_correction.py)
             "+lc": "layer_calibrate",  # sensitivities rescaled per layer by measured deviation (layer_calibration.py)
             "+lcp": "layer_calibrate_prune",  # +lc with each layer's pruning measured and priced apart from its rounding
-            "+lcl": "layer_calibrate_linear"}  # +lc against each layer's linearized deviation (action distance)
+            "+lcl": "layer_calibrate_linear",  # +lc against each layer's linearized deviation (action distance)
+            "+at": "action_tune"}  # scales and biases trained end to end on the action deviation (action_tuning.py)
 
 
 def split_method(name: str) -> tuple[str, set[str]]:
@@ -58,6 +59,7 @@ class QuantConfig:
     layer_calibrate: bool = False  # method "M+lc": a QVLA method allocating from layer-calibrated sensitivities
     layer_calibrate_prune: bool = False  # method "M+lcp": +lc with pruning and rounding calibrated apart
     layer_calibrate_linear: bool = False  # method "M+lcl": +lc against the whole layer's linearized deviation
+    action_tune: bool = False  # method "M+at": M, then its scales and biases tuned to the actions (last stage)
 
     def __post_init__(self) -> None:
         self.method, suffixes = split_method(self.method)
