@@ -90,11 +90,10 @@ def _loss(ref: torch.Tensor, new: torch.Tensor, form: str) -> torch.Tensor:
     return (new - ref).flatten(1).pow(2).sum(1)
 
 
-def _split(observations: list, holdout: int) -> tuple[list[int], list[int]]:
+def split_steps(episodes: list, holdout: int = HOLDOUT) -> tuple[list[int], list[int]]:
     """-> (training steps, held-out steps): each calibration episode cut into `holdout` contiguous segments,
     episode k's segment k mod holdout held out, so that every task (one episode each, in the shipped
     calibration sets) is seen in both and the held-out steps are not neighbours of training steps."""
-    episodes = [(o.extras or {}).get("episode") for o in observations]
     if None in episodes:
         raise ValueError("action tuning holds out part of each calibration episode: every step needs its episode id")
     steps: dict = {}
@@ -112,11 +111,14 @@ def _split(observations: list, holdout: int) -> tuple[list[int], list[int]]:
 
 def tune(policy, plan: Plan, observations: list, form: str, step_w: torch.Tensor | None = None,
          epochs: int = EPOCHS, lr: float = LR, holdout: int = HOLDOUT, seed: int = 0, train: tuple = TRAINED,
-         log=None) -> tuple[dict[str, tuple[QuantLinear, torch.Tensor, torch.Tensor]], dict]:
+         episodes: list | None = None, log=None) -> tuple[dict[str, tuple[QuantLinear, torch.Tensor, torch.Tensor]], dict]:
     """-> (layer -> (its quantized layer, gain (C,), bias add (C,)) of the best held-out epoch, history).
-    policy: the full-precision policy (left as it is)."""
+    policy: the full-precision policy (left as it is); episodes: each step's episode id (default: the
+    observations' own)."""
     step_w = torch.ones(len(observations), dtype=torch.float64) if step_w is None else step_w
-    fit, held = _split(observations, holdout)
+    if episodes is None:
+        episodes = [(o.extras or {}).get("episode") for o in observations]
+    fit, held = split_steps(episodes, holdout)
     policy.model.eval()
     quant = copy.deepcopy(policy)
     quantize_(quant, plan)
