@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--policy", required=True)
     q.add_argument("--method", default="qvla",
                    help="qvla, qvla-sq, qvla-awq, qvla-omni, qvla-gptq, qvla-rot, qvla-rot-gptq, qvla-rot-gptaq, qvla-srot or a baseline (rtn, smoothquant, awq, gptq, "
-                        "omniquant, quarot); suffixes add refining stages: '+ac' activation clipping (A8/A4), '+bc' bias correction, "
+                        "omniquant, omniquant-block, quarot); suffixes add refining stages: '+ac' activation clipping (A8/A4), '+bc' bias correction, "
                         "'+lc' layer-calibrated sensitivities (QVLA family), '+lcp' the same with each layer's pruning "
                         "measured and priced apart (and no default no-prune rule), '+lcl' compared with each layer's linearized "
                         "deviation instead of its channel sum (--form action), '+at' the codes kept and every quantized layer's scales "

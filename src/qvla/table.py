@@ -173,7 +173,7 @@ def write_table(policy: str, fp_file: Path, rows: list[dict], out: Path, episode
     table = {"policy": policy, "episodes_per_task": episodes_per_task, "fp": fp_sum["success_rate"],
              "fp_per_task": fp_sum["per_task"], "rows": []}
     bench0 = None
-    order = ["rtn", "smoothquant", "awq", "omniquant", "gptq", "quarot", "qvla", "qvla-sq", "qvla-awq", "qvla-omni", "qvla-rot", "qvla-gptq",
+    order = ["rtn", "smoothquant", "awq", "omniquant", "omniquant-block", "gptq", "quarot", "qvla", "qvla-sq", "qvla-awq", "qvla-omni", "qvla-rot", "qvla-gptq",
              "qvla-rot-gptq"]
     rows = sorted(rows, key=lambda r: (*(-v for v in parse_setting(r["setting"])),
                                        order.index(r["method"]) if r["method"] in order else len(order)))

@@ -36,6 +36,9 @@ class ToyPolicy:
     def teacher_ids(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch
 
+    def quant_blocks(self) -> list[str]:
+        return []  # flat: a block-wise method trains every layer on its own
+
     def output_forms(self) -> tuple[str, ...]:
         return ("logits",) if self.bins else ("action",)
 

@@ -313,3 +313,30 @@ def test_gptq_plans_cover_convs(make_toy, toy_obs):
     w = mixed.transforms["0"]["weight"]
     assert torch.equal(w[0], policy.model[0].weight[0].detach()) and not w[3].any()
     quantize_(policy, mixed)  # the mixed-bit conv applies
+
+
+def test_omniquant_block_trains_each_block_on_its_quantized_inputs(monkeypatch, random_observation):
+    """Block-wise OmniQuant on a random micro-VLA at W4A4: every block's output error falls with training,
+    every Linear layer gets its transform (convs none: RTN), and the plan reproduces the trained blocks."""
+    import qvla.quant.methods.omniquant_block as OB
+    from qvla.policies import build_policy
+    from qvla.policies.microvla.model import init_weights
+
+    policy = build_policy("microvla-chunk")
+    init_weights(policy.model, 0)
+    obs = [random_observation(i) for i in range(6)]
+    monkeypatch.setattr(OB, "EPOCHS", 3)
+    plan = METHODS["omniquant-block"](policy, QuantConfig(method="omniquant-block", w_bits=4, a_bits=4), obs)
+    mods = dict(policy.model.named_modules())
+    linears = {n for n in plan.bits if isinstance(mods[n], nn.Linear)}
+    assert set(plan.transforms) == linears
+    losses = plan.provenance["block_loss"]
+    assert list(losses) == policy.quant_blocks()
+    assert all(v["end"] < v["start"] for v in losses.values()), losses
+    quant = __import__("copy").deepcopy(policy)
+    quantize_(quant, plan)
+    batches = OB._batches(policy, obs)
+    for b in ("vision.blocks.0", "llm.layers.3", "action_head"):  # the quantized policy's block errors are the trained ones
+        fp, q = OB.block_calls(policy, b, batches), OB.block_calls(quant, b, batches)
+        err = sum(float((x[2] - y[2]).pow(2).mean()) for x, y in zip(q, fp)) / len(fp)
+        assert err == pytest.approx(losses[b]["end"], rel=1e-3), b

@@ -100,6 +100,13 @@ class MicroVLAPolicy:
             pairs += [(f"{mlp}.gate_proj", f"{mlp}.down_proj"), (f"{mlp}.up_proj", f"{mlp}.down_proj")]
         return pairs
 
+    def quant_blocks(self) -> list[str]:
+        """The units a block-wise method (omniquant-block) trains one after the other, in forward order."""
+        m = self.model
+        head = ["action_head"] if self.config.head == "chunk" else []
+        return ([f"vision.blocks.{i}" for i in range(len(m.vision.blocks))] + ["projector"]
+                + [f"llm.layers.{i}" for i in range(len(m.llm.layers))] + head)
+
     def tied_channels(self) -> list[list[str]]:
         """Layers whose channel c is multiplied elementwise (SwiGLU's gate and up): `qvla quantize --tie` gives
         them the same bits per channel, so both emit one bucket order that the down projection absorbs."""

@@ -117,6 +117,7 @@ def _method(module: str) -> Callable:
 # name -> plan maker; NEEDS says what it calibrates on: nothing, per-layer inputs, or sensitivities
 METHODS: dict[str, Callable] = {m: _method(m) for m in ("qvla", "rtn", "smoothquant", "awq", "gptq", "omniquant",
                                                          "quarot")}
+METHODS["omniquant-block"] = _method("omniquant_block")
 METHODS["qvla-sq"] = _method("qvla_sq")
 METHODS["qvla-awq"] = _method("qvla_awq")
 METHODS["qvla-rot"] = _method("qvla_rot")
@@ -129,6 +130,7 @@ METHODS["qvla-rot-gptaq"] = _method("qvla_rot_gptaq")
 # then gets (sensitivity, transforms, observations)
 NEEDS: dict[str, str | None] = {"qvla": "sensitivity", "rtn": None, "smoothquant": "observations",
                                 "awq": "observations", "gptq": "observations", "omniquant": "observations",
+                                "omniquant-block": "observations",
                                 "quarot": None, "qvla-sq": "both", "qvla-awq": "both", "qvla-omni": "both", "qvla-rot": "transformed",
                                 "qvla-srot": "transformed", "qvla-gptq": "both", "qvla-rot-gptq": "transformed",
                                 "qvla-rot-gptaq": "transformed"}

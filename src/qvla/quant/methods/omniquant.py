@@ -57,31 +57,52 @@ def ste_act(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(ste_round(x / step), lo, hi) * step
 
 
+class OmniLinear(torch.nn.Module):
+    """A Linear layer as OmniQuant trains it: LET (input scale s and shift d, y = (W diag(s)) ((x - d) / s) +
+    (b + W d)) and LWC (per-row clipping of both ends of the grid), weights and activations rounded with
+    straight-through rounds. Initialised from the statistics of its inputs x (rows, K): s from SmoothQuant's
+    alpha = 0.5 scales, d at the middle of each channel's range, clipping at sigmoid(4) ~ none."""
+
+    def __init__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bits: int | torch.Tensor,
+                 a_bits: int) -> None:
+        super().__init__()
+        self.w = w.detach().float()
+        self.rows = torch.full((w.shape[0],), bits) if isinstance(bits, int) else bits.long()
+        self.b = torch.zeros(w.shape[0]) if bias is None else bias.detach().float()
+        self.a_bits = a_bits
+        self.log_s = torch.nn.Parameter(smooth_scales(x.abs().amax(0), self.w, 0.5).log())
+        self.shift = torch.nn.Parameter(((x.amax(0) + x.amin(0)) / 2).clone())
+        self.g_hi = torch.nn.Parameter(torch.full((w.shape[0],), 4.0))
+        self.g_lo = torch.nn.Parameter(torch.full((w.shape[0],), 4.0))
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": [self.log_s, self.shift], "lr": lr}, {"params": [self.g_hi, self.g_lo], "lr": 2 * lr}]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.log_s.exp()
+        wq = lwc_qdq_rows(self.w * s, self.rows, torch.sigmoid(self.g_hi), torch.sigmoid(self.g_lo))
+        return ste_act((x - self.shift) / s, self.a_bits) @ wq.t() + self.b + self.w @ self.shift
+
+    @torch.no_grad()
+    def transform(self) -> dict[str, torch.Tensor]:
+        return {"in_scale": self.log_s.exp().detach().clone(), "in_shift": self.shift.detach().clone(),
+                "clip": torch.sigmoid(self.g_hi).detach(), "clip_lo": torch.sigmoid(self.g_lo).detach()}
+
+
 def train_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bits: int | torch.Tensor, a_bits: int,
                 steps: int = STEPS, lr: float = 5e-3, batch: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
     """-> transform {in_scale, in_shift, clip, clip_lo} for one Linear layer; bits: one width for every row,
     or (N,) per-row widths (a QVLA plan's)."""
     g = torch.Generator().manual_seed(seed)
-    w = w.detach().float()
-    rows = torch.full((w.shape[0],), bits) if isinstance(bits, int) else bits.long()
-    b = torch.zeros(w.shape[0]) if bias is None else bias.detach().float()
-    log_s = smooth_scales(x.abs().amax(0), w, 0.5).log().requires_grad_()
-    shift = ((x.amax(0) + x.amin(0)) / 2).clone().requires_grad_()
-    g_hi, g_lo = torch.full((w.shape[0],), 4.0, requires_grad=True), torch.full((w.shape[0],), 4.0, requires_grad=True)
-    opt = torch.optim.AdamW([{"params": [log_s, shift], "lr": lr}, {"params": [g_hi, g_lo], "lr": 2 * lr}],
-                            weight_decay=0.0)
+    layer = OmniLinear(x, w, bias, bits, a_bits)
+    opt = torch.optim.AdamW(layer.param_groups(lr), weight_decay=0.0)
     for _ in range(steps):
         xb = x[torch.randint(0, len(x), (min(batch, len(x)),), generator=g)]
-        s = log_s.exp()
-        wq = lwc_qdq_rows(w * s, rows, torch.sigmoid(g_hi), torch.sigmoid(g_lo))
-        out = ste_act((xb - shift) / s, a_bits) @ wq.t() + b + w @ shift
-        loss = (out - (xb @ w.t() + b)).pow(2).mean()
+        loss = (layer(xb) - (xb @ layer.w.t() + layer.b)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        return {"in_scale": log_s.exp().detach(), "in_shift": shift.detach(),
-                "clip": torch.sigmoid(g_hi).detach(), "clip_lo": torch.sigmoid(g_lo).detach()}
+    return layer.transform()
 
 
 def make_plan(policy, cfg: QuantConfig, observations, provenance: dict | None = None):
