@@ -64,19 +64,22 @@ class OmniLinear(torch.nn.Module):
     alpha = 0.5 scales, d at the middle of each channel's range, clipping at sigmoid(4) ~ none."""
 
     def __init__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bits: int | torch.Tensor,
-                 a_bits: int) -> None:
+                 a_bits: int, let: bool = True) -> None:
         super().__init__()
         self.w = w.detach().float()
         self.rows = torch.full((w.shape[0],), bits) if isinstance(bits, int) else bits.long()
         self.b = torch.zeros(w.shape[0]) if bias is None else bias.detach().float()
         self.a_bits = a_bits
-        self.log_s = torch.nn.Parameter(smooth_scales(x.abs().amax(0), self.w, 0.5).log())
-        self.shift = torch.nn.Parameter(((x.amax(0) + x.amin(0)) / 2).clone())
+        self.let = let  # without LET (weight-only, as the paper's scripts run Llama models): s = 1, d = 0
+        k = w.shape[1]
+        self.log_s = torch.nn.Parameter(smooth_scales(x.abs().amax(0), self.w, 0.5).log() if let else torch.zeros(k))
+        self.shift = torch.nn.Parameter(((x.amax(0) + x.amin(0)) / 2).clone() if let else torch.zeros(k))
         self.g_hi = torch.nn.Parameter(torch.full((w.shape[0],), 4.0))
         self.g_lo = torch.nn.Parameter(torch.full((w.shape[0],), 4.0))
 
     def param_groups(self, lr: float) -> list[dict]:
-        return [{"params": [self.log_s, self.shift], "lr": lr}, {"params": [self.g_hi, self.g_lo], "lr": 2 * lr}]
+        clip = {"params": [self.g_hi, self.g_lo], "lr": 2 * lr}
+        return [{"params": [self.log_s, self.shift], "lr": lr}, clip] if self.let else [clip]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.log_s.exp()
@@ -85,8 +88,10 @@ class OmniLinear(torch.nn.Module):
 
     @torch.no_grad()
     def transform(self) -> dict[str, torch.Tensor]:
-        return {"in_scale": self.log_s.exp().detach().clone(), "in_shift": self.shift.detach().clone(),
-                "clip": torch.sigmoid(self.g_hi).detach(), "clip_lo": torch.sigmoid(self.g_lo).detach()}
+        clip = {"clip": torch.sigmoid(self.g_hi).detach(), "clip_lo": torch.sigmoid(self.g_lo).detach()}
+        if not self.let:
+            return clip
+        return {"in_scale": self.log_s.exp().detach().clone(), "in_shift": self.shift.detach().clone(), **clip}
 
 
 def train_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bits: int | torch.Tensor, a_bits: int,
