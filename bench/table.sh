@@ -6,7 +6,7 @@
 # ROWS=all (default): every baseline and every QVLA variant, then the sweep.
 # ROWS=core: what the comparison needs, QVLA's rows first: QVLA at W8A8, qvla-gptq+lc at W4A16 and W3A16,
 #   qvla-rot-gptq+lc at W4A4, then RTN / SmoothQuant at all three settings, AWQ / GPTQ / OmniQuant at W4A16
-#   and OmniQuant at W4A4 (no variants, no sweep).
+#   and OmniQuant at W4A4, then OmniQuant block by block at W4A16 and W4A4 (no variants, no sweep).
 # Rerunning resumes: finished rows are kept, rows made from other policy weights are refused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,7 @@ core)
   $Q --settings W8A8,W4A16,W4A4 --methods rtn,smoothquant
   $Q --settings W4A16 --methods awq,gptq,omniquant
   $Q --settings W4A4 --methods omniquant
+  $Q --settings W4A16,W4A4 --methods omniquant-block
   exit 0 ;;
 all) ;;
 *) echo "ROWS must be core or all, got '$ROWS'" >&2; exit 2 ;;
@@ -29,6 +30,7 @@ esac
 $Q --settings W8A8,W4A16,W4A4 --methods rtn,smoothquant,qvla
 $Q --settings W4A16 --methods awq,gptq,omniquant
 $Q --settings W4A4 --methods omniquant
+$Q --settings W4A16,W4A4 --methods omniquant-block
 $Q --settings W8A8,W4A4 --methods qvla-sq
 $Q --settings W4A16,W4A4 --methods qvla-awq
 $Q --settings W4A16,W4A4 --methods quarot,qvla-rot
