@@ -282,3 +282,32 @@ def test_a_quantized_checkpoint_can_act_for_its_policy(chunk_ckpt, save_random_c
     with pytest.raises(ValueError, match="is not a quantized checkpoint of"):
         collect(str(chunk_ckpt), "mt10", 1, tmp_path / "c2", acting=str(other))
     assert not (tmp_path / "c2").exists()
+
+
+def test_action_tuning_also_fits_the_steps_of_tune_on_directories(chunk_ckpt, calib, save_random_checkpoint, tmp_path):
+    """`--tune-on DIR`: DIR's steps join the +at tuning (each of its episodes split on its own), the plan's
+    bits still come from --calib alone; refused without +at and for another policy's calibration."""
+    from qvla.policies import load_policy
+
+    short = shutil.copytree(calib[0], tmp_path / "calib")
+    manifest = json.loads((short / "manifest.json").read_text())
+    manifest["episodes"][0]["calls"] = 8
+    (short / "manifest.json").write_text(json.dumps(manifest))
+    extra = shutil.copytree(short, tmp_path / "acted")
+    manifest["episodes"][0]["calls"] = 6
+    (extra / "manifest.json").write_text(json.dumps(manifest))
+    cfg = QuantConfig(method="rtn+at", w_bits=4)
+    plain = load_policy(quantize(str(chunk_ckpt), cfg, short, tmp_path / "q"))
+    tuned = load_policy(quantize(str(chunk_ckpt), cfg, short, tmp_path / "q2", tune_on=[extra]))
+    h = tuned.plan.provenance["action_tuning"]
+    assert h["train_steps"] + h["held_out_steps"] == 14
+    assert plain.plan.provenance["action_tuning"]["held_out_steps"] < h["held_out_steps"]  # both episodes hold out
+    assert tuned.plan.provenance["tune_on"] == [{"calibration": str(extra), "episodes": 1, "steps": 6,
+                                                 "acted_by": None}]
+    assert all(torch.equal(plain.plan.bits[n], b) for n, b in tuned.plan.bits.items())
+    with pytest.raises(ValueError, match="does not run"):
+        quantize(str(chunk_ckpt), QuantConfig(method="rtn", w_bits=4), short, tmp_path / "q3", tune_on=[extra])
+    other = save_random_checkpoint("microvla-chunk", tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="collected with another policy"):
+        quantize(str(other), cfg, collect(str(other), "mt10", 1, tmp_path / "oc") and tmp_path / "oc",
+                 tmp_path / "q4", tune_on=[extra])

@@ -102,7 +102,7 @@ def _quantize(a: argparse.Namespace) -> None:
     cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, form=a.form, proxy=a.proxy,
                       solver=a.solver, pins=_pins(a.keep), no_prune=a.no_prune, probes=a.probes,
                       count=a.count, weighting=a.weighting, tie=a.tie)
-    out = quantize(a.policy, cfg, a.calib, a.out, a.suite)
+    out = quantize(a.policy, cfg, a.calib, a.out, a.suite, tune_on=a.tune_on)
     q = json.loads((out / "config.json").read_text())["quantization"]
     print(f"{a.method} W{a.w_bits:g}A{a.a_bits}: average {q['average_bits']:.3f} bits per weight -> {out}")
 
@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--w-bits", type=float, required=True, help="average weight bits per weight (budget)")
     q.add_argument("--a-bits", type=int, default=16, choices=[4, 8, 16])
     q.add_argument("--calib", default=None)
+    q.add_argument("--tune-on", nargs="+", default=None, metavar="DIR",
+                   help="'+at' only: calibration directories whose steps the tuning also fits, e.g. the states a "
+                        "quantized checkpoint reaches (qvla calibrate --acting CKPT); the plan comes from --calib alone")
     q.add_argument("--suite", default="mt10")
     q.add_argument("--form", default="action", choices=["action", "logits"])
     q.add_argument("--proxy", default="projected", choices=["product", "projected", "energy"],

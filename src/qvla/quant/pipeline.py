@@ -93,14 +93,39 @@ def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, for
 
 
 @stage_mode()
+def tuning_steps(policy_ref: str, dirs: list, suite: str | None) -> tuple[list, list[dict]]:
+    """-> (observations, their sources for the provenance) of the extra calibration directories the action
+    tuning also fits (`--tune-on`), typically collected with `qvla calibrate --acting CKPT`: the states a
+    quantized policy reaches, labelled by the full-precision policy's actions. Each must be of the same policy;
+    episode ids are made distinct per directory so that every acted episode is split on its own."""
+    extra, sources = [], []
+    for k, d in enumerate(dirs):
+        _, _, manifest, observations, _ = _load(policy_ref, d, suite)
+        for o in observations:
+            o.extras = {**o.extras, "episode": f"tune{k}:{o.extras['episode']}"}
+        extra += observations
+        sources.append({"calibration": str(d), "episodes": len(manifest["episodes"]), "steps": len(observations),
+                        "acted_by": manifest.get("acted_by")})
+    return extra, sources
+
+
 def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: str | Path,
-             suite: str = "mt10") -> Path:
-    """Builds the plan with the configured method, applies it and writes the quantized checkpoint."""
+             suite: str = "mt10", tune_on: list | None = None) -> Path:
+    """Builds the plan with the configured method, applies it and writes the quantized checkpoint.
+    tune_on: further calibration directories whose steps the action tuning (+at) fits besides --calib's
+    (the sensitivities and the plan come from --calib alone)."""
     from qvla.policies import load_policy, resolve
 
     provenance: dict = {"policy_ref": str(policy_ref), "config": {**cfg.__dict__, "no_prune": list(cfg.no_prune)}}
     needs = NEEDS[cfg.method]
+    if tune_on and not cfg.action_tune:
+        raise ValueError(f"--tune-on adds steps to the action tuning, which {cfg.method} does not run (suffix '+at')")
+
     def tune(policy, plan, observations):
+        if tune_on:
+            extra, sources = tuning_steps(policy_ref, tune_on, suite)
+            observations = observations + extra
+            plan.provenance["tune_on"] = sources
         return tune_to_actions(policy, plan, observations, cfg.form, step_weights(observations, cfg.weighting),
                                log=log.info)
 
