@@ -51,7 +51,7 @@ def ablation_rows() -> list[str]:
         tables = [R / "table" / f"microvla-{'-'.join(parts[:k])}{seed}" / "fp.json" for k in (2, 1)]
         fp_file = next((t for t in tables if t.is_file()), None)
         cfg = R.parent / s["checkpoint"] / "config.json"  # absent where the checkpoint was not kept
-        quant = json.loads(cfg.read_text())["quantization"] if cfg.is_file() else {}
+        quant = s.get("quantization") or (json.loads(cfg.read_text())["quantization"] if cfg.is_file() else {})
         source = quant.get("source_weights_sha256")
         fp = json.loads(fp_file.read_text()) if fp_file else None
         if fp and source and fp.get("weights_sha256") != source:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from qvla.checkpoint import WEIGHTS, sha256
 from qvla.demos import record_expert
 from qvla.envs import EpisodeSpec
 from qvla.envs.metaworld import MT10_TASKS
@@ -116,6 +117,7 @@ def test_summary_and_records_are_written(runs, chunk_ckpt):
     assert (s["episodes"], s["evaluated"], s["errors"]) == (2, 2, [])
     assert (s["policy"], s["suite"], s["seed"], s["split"]) == ("microvla-chunk", "mt10", 0, "eval")
     assert s["checkpoint"] == str(chunk_ckpt)
+    assert s["quantization"] is None and s["cpu"]  # a full-precision checkpoint; the CPU it ran on
     assert s["control_step_ms_median"] > 0
     records = [json.loads(line) for line in (d / "w1.jsonl").read_text().splitlines()]
     tasks = ("reach", "drawer-close")
@@ -151,3 +153,14 @@ def test_random_policy_rollout_is_reproducible(env, chunk_ckpt):
 def test_bad_worker_count_is_refused(chunk_ckpt):
     with pytest.raises(ValueError, match="workers"):
         evaluate(str(chunk_ckpt), "mt10", 1, workers=0)
+
+
+def test_the_summary_of_a_quantized_checkpoint_records_its_quantization(chunk_ckpt, tmp_path):
+    from qvla.quant.methods import QuantConfig
+    from qvla.quant.pipeline import quantize
+
+    q = quantize(str(chunk_ckpt), QuantConfig(method="rtn", w_bits=4), None, tmp_path / "q")
+    s = evaluate(str(q), "mt10", 1, tasks=("reach",), workers=1)
+    assert s["quantization"]["method"] == "rtn" and s["quantization"]["w_bits"] == 4
+    assert s["quantization"]["average_bits"] == pytest.approx(4.0, abs=0.05)
+    assert s["quantization"]["source_weights_sha256"] == sha256(chunk_ckpt / WEIGHTS)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qvla.checkpoint import WEIGHTS, sha256
+from qvla.checkpoint import WEIGHTS, read_meta, sha256
 from qvla.cpu_mode import stage_mode
 from qvla.envs import EpisodeSpec, Observation, get_suite
 
@@ -121,12 +121,17 @@ def evaluate(policy_ref: str, suite: str = "mt10", episodes_per_task: int = 20, 
     else:
         with mp.get_context("spawn").Pool(workers, _init_worker, (ref, suite, image_size, None, kernels)) as pool:
             records = list(tqdm(pool.imap(_run, specs), total=len(specs), desc="eval", unit="ep"))
+    from qvla.bench import cpu_name
+
     weights = Path(ref) / WEIGHTS
+    # the checkpoint's quantization (method, bits, source weights) travels with the result, which outlives it
+    quant = read_meta(ref).get("quantization") if (Path(ref) / "config.json").is_file() else None
     meta = {"policy": name, "checkpoint": ref, "weights_sha256": sha256(weights) if weights.is_file() else None,
-            "suite": suite, "split": split, "seed": seed,
+            "quantization": quant, "suite": suite, "split": split, "seed": seed,
             "episodes_per_task": episodes_per_task, "workers": workers,
             "kernels": getattr(policy, "kernels", "float"), "wall_s": round(time.time() - t0, 1),
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}"}
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+            "cpu": f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"}
     summary = summarize(records, meta)
     if out is not None:
         write_results(out, records, summary)
