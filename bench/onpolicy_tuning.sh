@@ -15,30 +15,37 @@ C="--policy microvla-chunk --calib $T/calib --form action"
 E="--episodes-per-task 20 --workers 2"
 declare -A METHOD=([w4a4]=qvla-rot-gptq [w4a16]=qvla-gptq) ABITS=([w4a4]=4 [w4a16]=16)
 PAIRS=()
+same() {  # is evaluation $2 of checkpoint $1 (its weights' hash)? exits 2 on anything but yes or no
+  .venv/bin/python - "$1" "$2" <<'PY'
+import hashlib, json, sys
+w = hashlib.sha256(open(f"{sys.argv[1]}/model.safetensors", "rb").read()).hexdigest()
+sys.exit(0 if w == json.load(open(sys.argv[2]))["weights_sha256"] else 1)
+PY
+  local rc=$?; [ $rc -le 1 ] || exit 2; return $rc
+}
 for S in ${1:-w4a4 w4a16}; do
   M=${METHOD[$S]}; A=${ABITS[$S]}; R=runs/chunk-v2-$S-$M-lc; N=chunk-v2-$S-$M-lc-at-acted
   [ -f $R/config.json ] || .venv/bin/qvla quantize $C --method $M+lc --w-bits 4 --a-bits $A --out $R
   # the base row: the table's evaluation if this machine rebuilds its checkpoint bit for bit, else the rebuilt one's
   B=$T/eval-$S-$M+lc.json
-  if ! .venv/bin/python - "$R" "$B" <<'PY'
-import hashlib, json, sys
-w = hashlib.sha256(open(f"{sys.argv[1]}/model.safetensors", "rb").read()).hexdigest()
-sys.exit(w != json.load(open(sys.argv[2]))["weights_sha256"])
-PY
-  then
+  if ! same $R $B; then
     B=results/ablation/chunk-v2-$S-$M-lc-rebuilt-${CPU:-here}.json
     [ -f $B ] || .venv/bin/qvla eval --policy $R $E --out $B
+    same $R $B || { echo "$B was not made from $R; move it aside" >&2; exit 1; }
   fi
-  [ -f runs/calib-chunk-v2-acted-$S/manifest.json ] || \
-    .venv/bin/qvla calibrate --policy microvla-chunk --acting $R --episodes 10 --out runs/calib-chunk-v2-acted-$S
+  D=runs/calib-chunk-v2-acted-$S
   if [ ! -f results/ablation/$N.json ]; then  # rerunning keeps finished rows
-    .venv/bin/qvla quantize $C --method $M+lc+at --w-bits 4 --a-bits $A --tune-on runs/calib-chunk-v2-acted-$S --out runs/$N
+    acted=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['acted_by']['weights_sha256'])" \
+            $D/manifest.json 2>/dev/null || true)
+    [ "$acted" = "$(sha256sum $R/model.safetensors | cut -d' ' -f1)" ] || { rm -rf $D
+      .venv/bin/qvla calibrate --policy microvla-chunk --acting $R --episodes 10 --out $D; }
+    .venv/bin/qvla quantize $C --method $M+lc+at --w-bits 4 --a-bits $A --tune-on $D --out runs/$N
     .venv/bin/qvla eval --policy runs/$N $E --out results/ablation/$N.json
+    mkdir -p results/ablation/chunk-v2-at-acted/$S
+    cp $D/manifest.json results/ablation/chunk-v2-at-acted/$S/calib-manifest.json
+    cp runs/$N/plan.json results/ablation/chunk-v2-at-acted/$S/plan.json
   fi
-  mkdir -p results/ablation/chunk-v2-at-acted/$S
-  cp runs/calib-chunk-v2-acted-$S/manifest.json results/ablation/chunk-v2-at-acted/$S/calib-manifest.json
-  cp runs/$N/plan.json results/ablation/chunk-v2-at-acted/$S/plan.json
-  # +at on the table's steps alone (bench/action_tuning.sh), on the same plan, and the acted steps' +at
+  # +at on the table's steps alone (bench/action_tuning.sh, run on the same machine: the same plan), and the acted steps' +at
   PAIRS+=($B results/ablation/chunk-v2-$S-$M-lc-at.json results/ablation/chunk-v2-$S-$M-lc-at.json results/ablation/$N.json)
   PAIRS+=($B results/ablation/$N.json $T/eval-$S-smoothquant.json results/ablation/$N.json
           $T/eval-$S-omniquant.json results/ablation/$N.json $T/fp.json results/ablation/$N.json)

@@ -51,7 +51,10 @@ def ablation_rows() -> list[str]:
         tables = [R / "table" / f"microvla-{'-'.join(parts[:k])}{seed}" / "fp.json" for k in (2, 1)]
         fp_file = next((t for t in tables if t.is_file()), None)
         cfg = R.parent / s["checkpoint"] / "config.json"  # absent where the checkpoint was not kept
-        quant = s.get("quantization") or (json.loads(cfg.read_text())["quantization"] if cfg.is_file() else {})
+        if "quantization" in s:  # recorded by the evaluation (None: a full-precision checkpoint)
+            quant = s["quantization"] or {}
+        else:
+            quant = (json.loads(cfg.read_text()).get("quantization") if cfg.is_file() else None) or {}
         source = quant.get("source_weights_sha256")
         fp = json.loads(fp_file.read_text()) if fp_file else None
         if fp and source and fp.get("weights_sha256") != source:

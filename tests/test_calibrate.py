@@ -285,9 +285,11 @@ def test_a_quantized_checkpoint_can_act_for_its_policy(chunk_ckpt, save_random_c
 
 
 def test_action_tuning_also_fits_the_steps_of_tune_on_directories(chunk_ckpt, calib, save_random_checkpoint, tmp_path):
-    """`--tune-on DIR`: DIR's steps join the +at tuning (each of its episodes split on its own), the plan's
-    bits still come from --calib alone; refused without +at and for another policy's calibration."""
+    """`--tune-on DIR`: DIR's steps join the +at tuning (each of its episodes split on its own, holding out its
+    --calib twin's segment), the plan's bits still come from --calib alone; refused without +at, for another
+    policy's calibration, and for a directory given twice."""
     from qvla.policies import load_policy
+    from qvla.quant import pipeline
 
     short = shutil.copytree(calib[0], tmp_path / "calib")
     manifest = json.loads((short / "manifest.json").read_text())
@@ -296,7 +298,16 @@ def test_action_tuning_also_fits_the_steps_of_tune_on_directories(chunk_ckpt, ca
     extra = shutil.copytree(short, tmp_path / "acted")
     manifest["episodes"][0]["calls"] = 6
     (extra / "manifest.json").write_text(json.dumps(manifest))
-    cfg = QuantConfig(method="rtn+at", w_bits=4)
+    weights = sha256(chunk_ckpt / WEIGHTS)
+    steps, _ = pipeline.tuning_steps(str(chunk_ckpt), weights, short, [extra], "mt10")
+    first = manifest["episodes"][0]["id"]
+    assert [o.extras["episode"] for o in steps] == [f"tune0:{first}"] * 6
+    assert all(o.extras["twin"] == first for o in steps)
+    for again in ([short], [extra, extra]):
+        with pytest.raises(ValueError, match="repeats"):
+            pipeline.tuning_steps(str(chunk_ckpt), weights, short, again, "mt10")
+
+    cfg = QuantConfig(method="qvla+at", w_bits=4, no_prune=("lm_head", "action_head"))
     plain = load_policy(quantize(str(chunk_ckpt), cfg, short, tmp_path / "q"))
     tuned = load_policy(quantize(str(chunk_ckpt), cfg, short, tmp_path / "q2", tune_on=[extra]))
     h = tuned.plan.provenance["action_tuning"]
@@ -304,10 +315,26 @@ def test_action_tuning_also_fits_the_steps_of_tune_on_directories(chunk_ckpt, ca
     assert plain.plan.provenance["action_tuning"]["held_out_steps"] < h["held_out_steps"]  # both episodes hold out
     assert tuned.plan.provenance["tune_on"] == [{"calibration": str(extra), "episodes": 1, "steps": 6,
                                                  "acted_by": None}]
+    assert json.loads((tmp_path / "q2" / "config.json").read_text())["quantization"]["tune_on"] == [str(extra)]
+    assert len({int(b) for v in plain.plan.bits.values() for b in v}) > 1  # an allocation the steps could move
     assert all(torch.equal(plain.plan.bits[n], b) for n, b in tuned.plan.bits.items())
     with pytest.raises(ValueError, match="does not run"):
-        quantize(str(chunk_ckpt), QuantConfig(method="rtn", w_bits=4), short, tmp_path / "q3", tune_on=[extra])
+        quantize(str(chunk_ckpt), QuantConfig(method="qvla", w_bits=4), short, tmp_path / "q3", tune_on=[extra])
     other = save_random_checkpoint("microvla-chunk", tmp_path / "other", seed=1)
     with pytest.raises(ValueError, match="collected with another policy"):
-        quantize(str(other), cfg, collect(str(other), "mt10", 1, tmp_path / "oc") and tmp_path / "oc",
-                 tmp_path / "q4", tune_on=[extra])
+        pipeline.tuning_steps(str(other), sha256(other / WEIGHTS), tmp_path / "none", [extra], "mt10")
+    with pytest.raises(ValueError, match="not 'libero'"):
+        pipeline.tuning_steps(str(chunk_ckpt), weights, short, [extra], "libero")
+    assert not (tmp_path / "q3").exists()
+
+
+def test_quantize_flushes_denormals_while_it_runs_and_restores_the_callers_mode(chunk_ckpt, tmp_path, monkeypatch):
+    from qvla.cpu_mode import flushing_denormals
+    from qvla.quant import pipeline
+
+    seen = []
+    save = pipeline.save_checkpoint
+    monkeypatch.setattr(pipeline, "save_checkpoint", lambda *a, **k: (seen.append(flushing_denormals()), save(*a, **k)))
+    torch.set_flush_denormal(False)
+    quantize(str(chunk_ckpt), QuantConfig(method="rtn", w_bits=4), None, tmp_path / "q")
+    assert seen == [True] and not flushing_denormals()

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from qvla.checkpoint import WEIGHTS, sha256
 from qvla.demos import record_expert
@@ -117,7 +118,8 @@ def test_summary_and_records_are_written(runs, chunk_ckpt):
     assert (s["episodes"], s["evaluated"], s["errors"]) == (2, 2, [])
     assert (s["policy"], s["suite"], s["seed"], s["split"]) == ("microvla-chunk", "mt10", 0, "eval")
     assert s["checkpoint"] == str(chunk_ckpt)
-    assert s["quantization"] is None and s["cpu"]  # a full-precision checkpoint; the CPU it ran on
+    assert s["quantization"] is None  # a full-precision checkpoint
+    assert s["cpu"].endswith(f"({torch.backends.cpu.get_cpu_capability()})")  # the CPU it ran on, and its ISA
     assert s["control_step_ms_median"] > 0
     records = [json.loads(line) for line in (d / "w1.jsonl").read_text().splitlines()]
     tasks = ("reach", "drawer-close")

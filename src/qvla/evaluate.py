@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qvla.checkpoint import WEIGHTS, read_meta, sha256
+from qvla.checkpoint import CONFIG, WEIGHTS, read_meta, sha256
 from qvla.cpu_mode import stage_mode
 from qvla.envs import EpisodeSpec, Observation, get_suite
 
@@ -125,7 +125,7 @@ def evaluate(policy_ref: str, suite: str = "mt10", episodes_per_task: int = 20, 
 
     weights = Path(ref) / WEIGHTS
     # the checkpoint's quantization (method, bits, source weights) travels with the result, which outlives it
-    quant = read_meta(ref).get("quantization") if (Path(ref) / "config.json").is_file() else None
+    quant = read_meta(ref).get("quantization") if (Path(ref) / CONFIG).is_file() else None
     meta = {"policy": name, "checkpoint": ref, "weights_sha256": sha256(weights) if weights.is_file() else None,
             "quantization": quant, "suite": suite, "split": split, "seed": seed,
             "episodes_per_task": episodes_per_task, "workers": workers,

@@ -44,6 +44,18 @@ def test_each_episode_holds_out_one_contiguous_segment():
         AT.split_steps([0, 0, None])
 
 
+def test_an_acted_episode_holds_out_its_twins_segment():
+    """Three calibration episodes and their acted twins (the same starts): twin and original hold out the same
+    fifth, whatever the twin's position, so near-copies of held-out steps are never trained on."""
+    episodes = [e for e in "abc" for _ in range(10)] + [f"t:{e}" for e in "abc" for _ in range(10)]
+    twins = [e for e in "abc" for _ in range(10)] * 2
+    _, held = AT.split_steps(episodes, holdout=5, twins=twins)
+    segment = {e: sorted(i % 10 for i in held if episodes[i] == e) for e in set(episodes)}
+    assert segment["a"] == segment["t:a"] == [0, 1] and segment["c"] == segment["t:c"] == [4, 5]
+    _, alone = AT.split_steps(episodes, holdout=5)  # without twins the acted ones would take k = 3, 4, 5
+    assert sorted(i % 10 for i in alone if episodes[i] == "t:a") == [6, 7]
+
+
 def _deviation(ref_policy, plan, obs, idx) -> float:
     q = copy.deepcopy(ref_policy)
     quantize_(q, plan)

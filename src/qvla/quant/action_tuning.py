@@ -90,17 +90,25 @@ def _loss(ref: torch.Tensor, new: torch.Tensor, form: str) -> torch.Tensor:
     return (new - ref).flatten(1).pow(2).sum(1)
 
 
-def split_steps(episodes: list, holdout: int = HOLDOUT) -> tuple[list[int], list[int]]:
+def split_steps(episodes: list, holdout: int = HOLDOUT, twins: list | None = None) -> tuple[list[int], list[int]]:
     """-> (training steps, held-out steps): each calibration episode cut into `holdout` contiguous segments,
     episode k's segment k mod holdout held out, so that every task (one episode each, in the shipped
-    calibration sets) is seen in both and the held-out steps are not neighbours of training steps."""
+    calibration sets) is seen in both and the held-out steps are not neighbours of training steps.
+    twins: per step, the episode whose k an episode takes (default its own): an episode acted from the same
+    start as a calibration episode (`--tune-on`) holds out the same segment, so that neither side's near-copies
+    of the other's steps cross the split."""
     if None in episodes:
         raise ValueError("action tuning holds out part of each calibration episode: every step needs its episode id")
+    twins = episodes if twins is None else twins
     steps: dict = {}
-    for i, e in enumerate(episodes):
+    order: dict = {}
+    for i, (e, t) in enumerate(zip(episodes, twins)):
         steps.setdefault(e, []).append(i)
+        order.setdefault(t, len(order))
+    twin_of = {e: twins[idx[0]] for e, idx in steps.items()}
     fit, held = [], []
-    for k, idx in enumerate(steps.values()):
+    for e, idx in steps.items():
+        k = order[twin_of[e]]
         seg = [j * holdout // len(idx) for j in range(len(idx))]
         fit += [i for i, s in zip(idx, seg) if s != k % holdout]
         held += [i for i, s in zip(idx, seg) if s == k % holdout]
@@ -118,7 +126,8 @@ def tune(policy, plan: Plan, observations: list, form: str, step_w: torch.Tensor
     step_w = torch.ones(len(observations), dtype=torch.float64) if step_w is None else step_w
     if episodes is None:
         episodes = [(o.extras or {}).get("episode") for o in observations]
-    fit, held = split_steps(episodes, holdout)
+    twins = [(getattr(o, "extras", None) or {}).get("twin", e) for o, e in zip(observations, episodes)]
+    fit, held = split_steps(episodes, holdout, twins)
     policy.model.eval()
     quant = copy.deepcopy(policy)
     quantize_(quant, plan)

@@ -92,23 +92,33 @@ def sensitivity_for(policy, observations, manifest: dict, calib: str | Path, for
     return sens, file
 
 
-@stage_mode()
-def tuning_steps(policy_ref: str, dirs: list, suite: str | None) -> tuple[list, list[dict]]:
+def tuning_steps(policy_ref: str, weights: str, calib: str | Path, dirs: list, suite: str | None
+                 ) -> tuple[list, list[dict]]:
     """-> (observations, their sources for the provenance) of the extra calibration directories the action
     tuning also fits (`--tune-on`), typically collected with `qvla calibrate --acting CKPT`: the states a
-    quantized policy reaches, labelled by the full-precision policy's actions. Each must be of the same policy;
-    episode ids are made distinct per directory so that every acted episode is split on its own."""
+    quantized policy reaches, labelled by the full-precision policy's actions. Each must be of the policy whose
+    weights hash to `weights`, and none may repeat --calib or another (its steps would sit on both sides of the
+    held-out split). Episode ids get a prefix per directory, so that every acted episode is split on its own;
+    "twin" keeps the id it had, which picks its held-out segment (the same as its --calib twin's)."""
     extra, sources = [], []
+    seen = {Path(calib).resolve()}
     for k, d in enumerate(dirs):
-        _, _, manifest, observations, _ = _load(policy_ref, d, suite)
+        if Path(d).resolve() in seen:
+            raise ValueError(f"--tune-on {d} repeats --calib or another --tune-on directory")
+        seen.add(Path(d).resolve())
+        manifest, observations = load_calibration(d, suite)
+        if manifest["weights_sha256"] != weights:
+            raise ValueError(f"calibration data in {d} was collected with another policy "
+                             f"({manifest['policy']}, weights {manifest['weights_sha256'][:12]}), not {policy_ref}")
         for o in observations:
-            o.extras = {**o.extras, "episode": f"tune{k}:{o.extras['episode']}"}
+            o.extras = {**o.extras, "episode": f"tune{k}:{o.extras['episode']}", "twin": o.extras["episode"]}
         extra += observations
         sources.append({"calibration": str(d), "episodes": len(manifest["episodes"]), "steps": len(observations),
                         "acted_by": manifest.get("acted_by")})
     return extra, sources
 
 
+@stage_mode()
 def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: str | Path,
              suite: str = "mt10", tune_on: list | None = None) -> Path:
     """Builds the plan with the configured method, applies it and writes the quantized checkpoint.
@@ -120,12 +130,16 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
     needs = NEEDS[cfg.method]
     if tune_on and not cfg.action_tune:
         raise ValueError(f"--tune-on adds steps to the action tuning, which {cfg.method} does not run (suffix '+at')")
+    extra: list = []
+    if tune_on:  # checked before any stage runs
+        if calib is None:
+            raise ValueError("--tune-on needs --calib (the plan's calibration)")
+        extra, sources = tuning_steps(policy_ref, sha256(resolve(policy_ref) / WEIGHTS), calib, tune_on, suite)
+        provenance["tune_on"] = sources
 
     def tune(policy, plan, observations):
-        if tune_on:
-            extra, sources = tuning_steps(policy_ref, tune_on, suite)
-            observations = observations + extra
-            plan.provenance["tune_on"] = sources
+        observations = observations + extra
+        plan.provenance["tune_on"] = provenance.get("tune_on")
         return tune_to_actions(policy, plan, observations, cfg.form, step_weights(observations, cfg.weighting),
                                log=log.info)
 
@@ -173,7 +187,8 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
         plan.save(tmp)
         extra = {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir())}
     quant = {"method": plan.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
-             "average_bits": plan.average_bits, "source": str(path), "source_weights_sha256": weights}
+             "average_bits": plan.average_bits, "source": str(path), "source_weights_sha256": weights,
+             **({"tune_on": [d["calibration"] for d in provenance["tune_on"]]} if tune_on else {})}
     save_checkpoint(out, {"family": meta["family"], "policy": f"{meta.get('policy', path)}+{plan.method}"
                           f"-w{cfg.w_bits:g}a{cfg.a_bits}", "config": meta["config"], "quantization": quant},
                     quantized_tensors(policy), extra_files=extra)
