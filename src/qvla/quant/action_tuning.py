@@ -101,14 +101,13 @@ def split_steps(episodes: list, holdout: int = HOLDOUT, twins: list | None = Non
         raise ValueError("action tuning holds out part of each calibration episode: every step needs its episode id")
     twins = episodes if twins is None else twins
     steps: dict = {}
-    order: dict = {}
+    order: dict = {}  # twin -> k, in order of first appearance
     for i, (e, t) in enumerate(zip(episodes, twins)):
         steps.setdefault(e, []).append(i)
         order.setdefault(t, len(order))
-    twin_of = {e: twins[idx[0]] for e, idx in steps.items()}
     fit, held = [], []
-    for e, idx in steps.items():
-        k = order[twin_of[e]]
+    for idx in steps.values():
+        k = order[twins[idx[0]]]
         seg = [j * holdout // len(idx) for j in range(len(idx))]
         fit += [i for i, s in zip(idx, seg) if s != k % holdout]
         held += [i for i, s in zip(idx, seg) if s == k % holdout]
@@ -124,9 +123,10 @@ def tune(policy, plan: Plan, observations: list, form: str, step_w: torch.Tensor
     policy: the full-precision policy (left as it is); episodes: each step's episode id (default: the
     observations' own)."""
     step_w = torch.ones(len(observations), dtype=torch.float64) if step_w is None else step_w
+    twins = None
     if episodes is None:
         episodes = [(o.extras or {}).get("episode") for o in observations]
-    twins = [(getattr(o, "extras", None) or {}).get("twin", e) for o, e in zip(observations, episodes)]
+        twins = [(o.extras or {}).get("twin", e) for o, e in zip(observations, episodes)]
     fit, held = split_steps(episodes, holdout, twins)
     policy.model.eval()
     quant = copy.deepcopy(policy)

@@ -36,12 +36,19 @@ def _load(policy_ref: str, calib: str | Path, suite: str | None):
     policy = load_policy(path)
     if read_meta(path).get("quantization"):
         raise ValueError(f"{path} is already quantized; quantize the full-precision policy")
-    manifest, observations = load_calibration(calib, suite)
     weights = sha256(Path(path) / WEIGHTS)
+    manifest, observations = load_policy_calibration(calib, suite, weights, path)
+    return path, policy, manifest, observations, weights
+
+
+def load_policy_calibration(calib: str | Path, suite: str | None, weights: str, policy: str | Path
+                            ) -> tuple[dict, list]:
+    """load_calibration, refusing data collected with another policy than the one whose weights hash to `weights`."""
+    manifest, observations = load_calibration(calib, suite)
     if manifest["weights_sha256"] != weights:
         raise ValueError(f"calibration data in {calib} was collected with another policy "
-                         f"({manifest['policy']}, weights {manifest['weights_sha256'][:12]}), not {path}")
-    return path, policy, manifest, observations, weights
+                         f"({manifest['policy']}, weights {manifest['weights_sha256'][:12]}), not {policy}")
+    return manifest, observations
 
 
 def _digest(transforms: dict[str, dict[str, torch.Tensor]]) -> str:
@@ -106,10 +113,7 @@ def tuning_steps(policy_ref: str, weights: str, calib: str | Path, dirs: list, s
         if Path(d).resolve() in seen:
             raise ValueError(f"--tune-on {d} repeats --calib or another --tune-on directory")
         seen.add(Path(d).resolve())
-        manifest, observations = load_calibration(d, suite)
-        if manifest["weights_sha256"] != weights:
-            raise ValueError(f"calibration data in {d} was collected with another policy "
-                             f"({manifest['policy']}, weights {manifest['weights_sha256'][:12]}), not {policy_ref}")
+        manifest, observations = load_policy_calibration(d, suite, weights, policy_ref)
         for o in observations:
             o.extras = {**o.extras, "episode": f"tune{k}:{o.extras['episode']}", "twin": o.extras["episode"]}
         extra += observations
@@ -130,16 +134,15 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
     needs = NEEDS[cfg.method]
     if tune_on and not cfg.action_tune:
         raise ValueError(f"--tune-on adds steps to the action tuning, which {cfg.method} does not run (suffix '+at')")
-    extra: list = []
+    acted: list = []  # the --tune-on steps; the plan's provenance gets their sources from every method
     if tune_on:  # checked before any stage runs
         if calib is None:
             raise ValueError("--tune-on needs --calib (the plan's calibration)")
-        extra, sources = tuning_steps(policy_ref, sha256(resolve(policy_ref) / WEIGHTS), calib, tune_on, suite)
-        provenance["tune_on"] = sources
+        acted, provenance["tune_on"] = tuning_steps(policy_ref, sha256(resolve(policy_ref) / WEIGHTS), calib,
+                                                    tune_on, suite)
 
     def tune(policy, plan, observations):
-        observations = observations + extra
-        plan.provenance["tune_on"] = provenance.get("tune_on")
+        observations = observations + acted
         return tune_to_actions(policy, plan, observations, cfg.form, step_weights(observations, cfg.weighting),
                                log=log.info)
 
