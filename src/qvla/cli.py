@@ -59,6 +59,14 @@ def _table(a: argparse.Namespace) -> None:
     print((Path(a.out) / "table.md").read_text())
 
 
+def _select(a: argparse.Namespace) -> None:
+    from qvla.select import format_selection, run_select
+
+    res = run_select(a.policy, a.candidates, a.episodes_per_task, a.out, a.seed, a.workers, a.suite, a.tasks)
+    print(format_selection(res))
+    print(f"chosen: {res['chosen']}")
+
+
 def _bench(a: argparse.Namespace) -> None:
     from qvla.bench import format_bench, run_bench
 
@@ -172,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True)
     t.set_defaults(func=_table)
+
+    c = sub.add_parser("select", help="choose among quantized checkpoints by closed-loop success on calib episodes")
+    c.add_argument("--policy", required=True, help="the full-precision policy the candidates were made from")
+    c.add_argument("--candidates", nargs="+", required=True, help="quantized checkpoint directories, preferred first")
+    c.add_argument("--suite", default="mt10")
+    c.add_argument("--episodes-per-task", type=int, default=50)
+    c.add_argument("--seed", type=int, default=100,
+                   help="suite seed of the calib episodes acted on; must not be one the candidates were calibrated on")
+    c.add_argument("--tasks", nargs="*", default=None, help="a subset of the suite's tasks (default: all)")
+    c.add_argument("--workers", type=int, default=1)
+    c.add_argument("--out", required=True, help="directory: fp.json, cand-<k>.json and selection.json")
+    c.set_defaults(func=_select)
 
     b = sub.add_parser("bench", help="control-step latency and weight memory vs the fp32 and bf16 forms")
     b.add_argument("--policy", required=True, help="registered name or checkpoint directory")

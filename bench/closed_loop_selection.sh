@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Closed-loop selection on the chunk policy: QVLA checkpoints made from other calibration episodes and by the
+# method's variants (the candidates, the table's own plan first) act on the calib split at suite seed $SEED
+# (`qvla select`: episodes none of them was calibrated on, and never evaluation ones); the one with the most
+# successes is chosen. Every candidate is also evaluated on the table's 200 evaluation episodes, to see
+# whether the selection episodes predict them (bench/selection_vs_eval.py).
+# Usage: bench/closed_loop_selection.sh [w4a4|w4a16]   (env N: selection episodes per task, default 50; SEED 100)
+#   -> results/selection/chunk-v2-<s>/{fp,cand-<k>}.json(l), selection.json, eval-<name>.json, vs-eval.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+S=${1:-w4a4}; N=${N:-50}; SEED=${SEED:-100}
+T=results/table/microvla-chunk-v2; AB=results/ablation; OUT=results/selection/chunk-v2-$S
+CAL30=$AB/chunk-v2-calib30/calib; CALS1=$AB/chunk-v2-calib-seed1/calib
+declare -A METHOD=([w4a4]=qvla-rot-gptq [w4a16]=qvla-gptq) ABITS=([w4a4]=4 [w4a16]=16)
+M=${METHOD[$S]}; A=${ABITS[$S]}
+for d in $T/calib $CAL30 $CALS1; do  # the observations are not kept in git: regenerated, checked against the manifest
+  [ -d $d/episodes ] || { echo "$d lacks its episodes: qvla calibrate --policy microvla-chunk with the manifest's"\
+    "--episodes/--seed into an empty directory, then copy its episodes/ there" >&2; exit 1; }
+done
+Q="quantize --policy microvla-chunk --form action --w-bits 4 --a-bits $A"
+# name | checkpoint | how it is made (the first is the table's plan; +at ones come from bench/action_tuning.sh
+# and bench/onpolicy_tuning.sh)
+CANDS=(
+  "table|runs/chunk-v2-$S-$M-lc|$Q --method $M+lc --calib $T/calib"
+  "calib-seed1|runs/sel/$S-seed1|$Q --method $M+lc --calib $CALS1"
+  "calib30|runs/sel/$S-calib30|$Q --method $M+lc --calib $CAL30"
+  "lcl|runs/sel/$S-lcl|$Q --method $M+lcl --calib $T/calib"
+  "energy|runs/sel/$S-energy|$Q --method $M+lc --proxy energy --calib $T/calib"
+  "at|runs/chunk-v2-$S-$M-lc-at|"
+  "at-acted|runs/chunk-v2-$S-$M-lc-at-acted|"
+)
+mkdir -p $OUT
+CKPTS=(); EVALS=()
+for c in "${CANDS[@]}"; do
+  IFS='|' read -r name ck how <<<"$c"
+  if [ ! -f $ck/config.json ]; then
+    [ -n "$how" ] || { echo "$ck is missing: make it with bench/action_tuning.sh / bench/onpolicy_tuning.sh" >&2; exit 1; }
+    .venv/bin/qvla $how --out $ck
+  fi
+  E=$OUT/eval-$name.json
+  if [ ! -f $E ]; then .venv/bin/qvla eval --policy $ck --episodes-per-task 20 --workers 2 --out $E; fi
+  CKPTS+=($ck); EVALS+=($E)
+done
+.venv/bin/qvla select --policy microvla-chunk --candidates "${CKPTS[@]}" --episodes-per-task $N --seed $SEED \
+  --workers 2 --out $OUT
+BASE=()
+for b in smoothquant omniquant gptq; do [ -f $T/eval-$S-$b.json ] && BASE+=($T/eval-$S-$b.json); done
+.venv/bin/python bench/selection_vs_eval.py $OUT --evals "${EVALS[@]}" --fp $T/fp.json --baselines "${BASE[@]}" \
+  --out $OUT/vs-eval.json

@@ -1,0 +1,98 @@
+"""qvla select: the choice by closed-loop success, on calib episodes no candidate was calibrated on."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qvla.calibrate import collect
+from qvla.checkpoint import WEIGHTS, sha256
+from qvla.quant.methods import QuantConfig
+from qvla.quant.pipeline import quantize
+from qvla.select import calibration_ids, choose, run_select
+
+
+def recs(successes: list[bool], errors: tuple[int, ...] = ()) -> dict:
+    return {f"e{k}": {"success": s, "error": "boom" if k in errors else None} for k, s in enumerate(successes)}
+
+
+def test_choose_takes_the_most_successes_and_the_first_listed_on_a_tie():
+    fp = recs([True] * 4)
+    a, b, c = recs([True, False, False, True]), recs([True, True, True, False]), recs([False, True, True, True])
+    assert choose(fp, [a, b, c]) == 1  # b and c tie on 3: the first listed
+    assert choose(fp, [a, c, b]) == 1
+
+
+def test_choose_counts_only_episodes_every_row_finished():
+    fp = recs([True] * 4)
+    # a's extra success is in an episode b crashed in: on the other three b is ahead
+    a, b = recs([True, False, False, True]), recs([False, True, True, False], errors=(0,))
+    assert choose(fp, [a, b]) == 1
+
+
+@pytest.fixture(scope="module")
+def candidates(chunk_ckpt, tmp_path_factory):
+    """Two quantized checkpoints of the random-init chunk policy, calibrated on one calib episode (seed 0)."""
+    root = tmp_path_factory.mktemp("select")
+    calib = root / "calib"
+    collect(str(chunk_ckpt), "mt10", 1, calib)
+    made = [quantize(str(chunk_ckpt), QuantConfig(method=m, w_bits=w), calib, root / f"q{k}")
+            for k, (m, w) in enumerate([("rtn", 4), ("qvla", 8)])]
+    return calib, made
+
+
+def test_calibration_ids_are_the_episodes_the_plan_was_made_on(candidates):
+    calib, (q0, q1) = candidates
+    ids = {e["id"] for e in json.loads((calib / "manifest.json").read_text())["episodes"]}
+    assert calibration_ids(q1) == ids and len(ids) == 1
+
+
+def test_select_refuses_the_calibration_episodes_before_acting(chunk_ckpt, candidates, tmp_path):
+    """Seed 0 of the calib split holds the candidates' calibration episode: no episode may score a plan on
+    the layouts it was measured on."""
+    _, made = candidates
+    with pytest.raises(ValueError, match="was calibrated on 1 of the selection episodes"):
+        run_select(str(chunk_ckpt), [str(q) for q in made], 1, tmp_path / "s", seed=0, tasks=["reach"])
+    assert not (tmp_path / "s").exists()
+
+
+def test_select_refuses_another_policys_checkpoint(chunk_ckpt, candidates, save_random_checkpoint, tmp_path):
+    other = save_random_checkpoint("microvla-chunk", tmp_path / "other", seed=3)
+    _, made = candidates
+    with pytest.raises(ValueError, match="is not a quantized checkpoint of"):
+        run_select(str(other), [str(made[0])], 1, tmp_path / "s", seed=5)
+    with pytest.raises(ValueError, match="distinct"):
+        run_select(str(chunk_ckpt), [str(made[0])] * 2, 1, tmp_path / "s", seed=5)
+
+
+def test_select_evaluates_every_candidate_on_the_same_calib_episodes(chunk_ckpt, candidates, tmp_path):
+    _, made = candidates
+    res = run_select(str(chunk_ckpt), [str(q) for q in made], 1, tmp_path / "s", seed=5, tasks=["reach", "push"])
+    fp = json.loads((tmp_path / "s" / "fp.json").read_text())
+    assert fp["split"] == "calib" and fp["seed"] == 5 and fp["episodes"] == 2
+    ids = [json.loads(line)["id"] for line in (tmp_path / "s" / "cand-1.jsonl").read_text().splitlines()]
+    assert ids == ["mt10/reach/calib/s5/0", "mt10/push/calib/s5/0"]
+    assert res["chosen"] == str(made[res["chosen_index"]])
+    assert [r["method"] for r in res["candidates"]] == ["rtn", "qvla"]
+    assert res["candidates"][res["chosen_index"]]["vs_chosen"] is None
+    assert all(r["weights_sha256"] == sha256(q / WEIGHTS) for r, q in zip(res["candidates"], made))
+    assert json.loads((tmp_path / "s" / "selection.json").read_text()) == res
+    # a rerun reuses the evaluations; one asked on other episodes is refused, not mixed in
+    assert run_select(str(chunk_ckpt), [str(q) for q in made], 1, tmp_path / "s", seed=5, tasks=["reach", "push"]) == res
+    with pytest.raises(ValueError, match="holds other episodes"):
+        run_select(str(chunk_ckpt), [str(q) for q in made], 1, tmp_path / "s", seed=5, tasks=["reach"])
+
+
+def test_select_makes_no_choice_on_crashed_episodes(chunk_ckpt, candidates, tmp_path):
+    """A crashed episode is an error, not a failure: the selection stops and names it."""
+    _, made = candidates
+    out = tmp_path / "s"
+    run_select(str(chunk_ckpt), [str(made[0])], 1, out, seed=5, tasks=["reach"])
+    summary = json.loads((out / "cand-0.json").read_text())
+    rec = json.loads((out / "cand-0.jsonl").read_text())
+    rec.update(error="RuntimeError: sim diverged", traceback="...")
+    (out / "cand-0.jsonl").write_text(json.dumps(rec) + "\n")
+    summary["errors"] = [{"id": rec["id"], "error": rec["error"], "traceback": "..."}]
+    (out / "cand-0.json").write_text(json.dumps(summary))
+    with pytest.raises(RuntimeError, match="episodes crashed during selection"):
+        run_select(str(chunk_ckpt), [str(made[0])], 1, out, seed=5, tasks=["reach"])
