@@ -5,7 +5,8 @@
 # successes is chosen. Every candidate is also evaluated on the table's 200 evaluation episodes, to see
 # whether the selection episodes predict them (bench/selection_vs_eval.py).
 # Usage: bench/closed_loop_selection.sh [w4a4|w4a16]   (env N: selection episodes per task, default 50; SEED 100)
-#   -> results/selection/chunk-v2-<s>/{fp,cand-<k>}.json(l), selection.json, eval-<name>.json, vs-eval.json
+#   -> results/selection/chunk-v2-<s>/{fp,cand-<k>}.json(l), selection.json, eval-<name>.json, vs-eval.json,
+#      eval-chosen-seed1.json, chosen-seed1-paired.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 S=${1:-w4a4}; N=${N:-50}; SEED=${SEED:-100}
@@ -25,7 +26,7 @@ CANDS=(
   "calib-seed1|runs/sel/$S-seed1|$Q --method $M+lc --calib $CALS1"
   "calib30|runs/sel/$S-calib30|$Q --method $M+lc --calib $CAL30"
   "lcl|runs/sel/$S-lcl|$Q --method $M+lcl --calib $T/calib"
-  "energy|runs/sel/$S-energy|$Q --method $M+lc --proxy energy --calib $T/calib"
+  "energy|runs/sel/$S-energy|$Q --method $M --proxy energy --calib $T/calib"
   "at|runs/chunk-v2-$S-$M-lc-at|"
   "at-acted|runs/chunk-v2-$S-$M-lc-at-acted|"
 )
@@ -47,3 +48,13 @@ BASE=()
 for b in smoothquant omniquant gptq; do [ -f $T/eval-$S-$b.json ] && BASE+=($T/eval-$S-$b.json); done
 .venv/bin/python bench/selection_vs_eval.py $OUT --evals "${EVALS[@]}" --fp $T/fp.json --baselines "${BASE[@]}" \
   --out $OUT/vs-eval.json
+# the chosen checkpoint again on the seed-1 evaluation episodes, paired with FP and the rows measured there
+FP1=results/fp/shift/microvla-chunk-shift2-seed1.json
+CH=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen'])" $OUT/selection.json)
+[ -f $OUT/eval-chosen-seed1.json ] || .venv/bin/qvla eval --policy $CH --episodes-per-task 20 --workers 2 --seed 1 \
+  --out $OUT/eval-chosen-seed1.json
+PAIRS=($FP1 $OUT/eval-chosen-seed1.json)
+for b in smoothquant $M-lc; do
+  R1=results/replicate/chunk-$S-$b-seed1.json; [ -f $R1 ] && PAIRS+=($R1 $OUT/eval-chosen-seed1.json)
+done
+.venv/bin/python bench/paired.py "${PAIRS[@]}" --out $OUT/chosen-seed1-paired.json

@@ -126,6 +126,12 @@ def test_table_needs_a_policy_unless_it_only_rewrites(capsys, tmp_path):
     assert "| FP | — | 100 | 0 | 50.0 |" in (tmp_path / "table.md").read_text()
 
 
+def test_select_refuses_a_candidate_that_is_not_a_quantized_checkpoint(capsys, chunk_ckpt, tmp_path):
+    run_refused(capsys, ["select", "--policy", str(chunk_ckpt), "--candidates", str(chunk_ckpt), "--out",
+                         str(tmp_path / "s")], "is not a quantized checkpoint of")
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("argv, expected", [
     ([], None),  # the budget's default (QuantConfig.NO_PRUNE_BELOW)
     (["--no-prune"], []),  # every role may prune
