@@ -16,6 +16,7 @@ import json
 from functools import partial
 from pathlib import Path
 
+from qvla.checkpoint import WEIGHTS, read_meta, sha256
 from qvla.table import _done, check_source, head_to_head, records
 
 SPLIT = "calib"
@@ -29,8 +30,6 @@ def calibration_ids(ckpt: str | Path) -> set[str]:
     plan_file = Path(ckpt) / "plan.json"
     if not plan_file.is_file():
         raise FileNotFoundError(f"{ckpt} is not a quantized checkpoint (no plan.json): nothing to select among")
-    from qvla.checkpoint import read_meta
-
     calib = json.loads(plan_file.read_text()).get("provenance", {}).get("calibration")
     if calib is None:
         return set()  # a method that reads no calibration (rtn)
@@ -68,7 +67,6 @@ def choose(fp: dict, cands: list[dict]) -> int:
 
 def run_select(policy: str, candidates: list[str], episodes_per_task: int, out: str | Path, seed: int,
                workers: int = 1, suite: str = "mt10", tasks: list[str] | None = None) -> dict:
-    from qvla.checkpoint import WEIGHTS, read_meta, sha256
     from qvla.evaluate import evaluate
     from qvla.policies import resolve
 
