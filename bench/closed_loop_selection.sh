@@ -19,8 +19,9 @@ for d in $T/calib $CAL30 $CALS1; do  # the observations are not kept in git: reg
     "--episodes/--seed into an empty directory, then copy its episodes/ there" >&2; exit 1; }
 done
 Q="quantize --policy microvla-chunk --form action --w-bits 4 --a-bits $A"
-# name | checkpoint | how it is made (the first is the table's plan; +at ones come from bench/action_tuning.sh
-# and bench/onpolicy_tuning.sh)
+# name | checkpoint | how it is made (the first is the table's plan, rebuilt by the table's command into runs/:
+# the table's ckpt/ is not kept in git, and a rebuild there would no longer match the table's kept evaluations;
+# +at ones come from bench/action_tuning.sh and bench/onpolicy_tuning.sh)
 CANDS=(
   "table|runs/chunk-v2-$S-$M-lc|$Q --method $M+lc --calib $T/calib"
   "calib-seed1|runs/sel/$S-seed1|$Q --method $M+lc --calib $CALS1"
@@ -30,6 +31,16 @@ CANDS=(
   "at|runs/chunk-v2-$S-$M-lc-at|"
   "at-acted|runs/chunk-v2-$S-$M-lc-at-acted|"
 )
+# eval CKPT FILE [qvla eval args]: evaluates unless FILE already holds an evaluation of these very weights; one of
+# other weights (a checkpoint rebuilt since) is refused, never reused
+eval_once() {
+  local ck=$1 file=$2; shift 2
+  if [ -f $file ]; then
+    .venv/bin/python -c "import json,sys; from qvla.checkpoint import sha256
+found, now = json.load(open(sys.argv[2])).get('weights_sha256'), sha256(sys.argv[1] + '/model.safetensors')
+sys.exit(0 if found == now else f'{sys.argv[2]} was made from other weights than {sys.argv[1]} holds: delete it')" $ck $file
+  else .venv/bin/qvla eval --policy $ck --episodes-per-task 20 --workers 2 "$@" --out $file; fi
+}
 mkdir -p $OUT
 CKPTS=(); EVALS=()
 for c in "${CANDS[@]}"; do
@@ -39,7 +50,7 @@ for c in "${CANDS[@]}"; do
     .venv/bin/qvla $how --out $ck
   fi
   E=$OUT/eval-$name.json
-  if [ ! -f $E ]; then .venv/bin/qvla eval --policy $ck --episodes-per-task 20 --workers 2 --out $E; fi
+  eval_once $ck $E
   CKPTS+=($ck); EVALS+=($E)
 done
 .venv/bin/qvla select --policy microvla-chunk --candidates "${CKPTS[@]}" --episodes-per-task $N --seed $SEED \
@@ -51,8 +62,7 @@ for b in smoothquant omniquant gptq; do [ -f $T/eval-$S-$b.json ] && BASE+=($T/e
 # the chosen checkpoint again on the seed-1 evaluation episodes, paired with FP and the rows measured there
 FP1=results/fp/shift/microvla-chunk-shift2-seed1.json
 CH=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen'])" $OUT/selection.json)
-[ -f $OUT/eval-chosen-seed1.json ] || .venv/bin/qvla eval --policy $CH --episodes-per-task 20 --workers 2 --seed 1 \
-  --out $OUT/eval-chosen-seed1.json
+eval_once $CH $OUT/eval-chosen-seed1.json --seed 1
 PAIRS=($FP1 $OUT/eval-chosen-seed1.json)
 for b in smoothquant $M-lc; do
   R1=results/replicate/chunk-$S-$b-seed1.json; [ -f $R1 ] && PAIRS+=($R1 $OUT/eval-chosen-seed1.json)

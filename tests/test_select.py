@@ -17,17 +17,10 @@ def recs(successes: list[bool], errors: tuple[int, ...] = ()) -> dict:
 
 
 def test_choose_takes_the_most_successes_and_the_first_listed_on_a_tie():
-    fp = recs([True] * 4)
     a, b, c = recs([True, False, False, True]), recs([True, True, True, False]), recs([False, True, True, True])
-    assert choose(fp, [a, b, c]) == 1  # b and c tie on 3: the first listed
-    assert choose(fp, [a, c, b]) == 1
-
-
-def test_choose_counts_only_episodes_every_row_finished():
-    fp = recs([True] * 4)
-    # a's extra success is in an episode b crashed in: on the other three b is ahead
-    a, b = recs([True, False, False, True]), recs([False, True, True, False], errors=(0,))
-    assert choose(fp, [a, b]) == 1
+    assert choose([a, b, c]) == 1  # b and c tie on 3: the first listed
+    assert choose([a, c, b]) == 1
+    assert choose([a, recs([True] * 4)]) == 1
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +38,34 @@ def test_calibration_ids_are_the_episodes_the_plan_was_made_on(candidates):
     calib, (q0, q1) = candidates
     ids = {e["id"] for e in json.loads((calib / "manifest.json").read_text())["episodes"]}
     assert calibration_ids(q1) == ids and len(ids) == 1
+    assert json.loads((q1 / "plan.json").read_text())["provenance"]["calibration_ids"] == sorted(ids)
+    assert calibration_ids(q0) == set()  # rtn reads no calibration: nothing to overlap
+
+
+def _plan_with(ckpt, tmp_path, **prov):
+    """A copy of ckpt's plan.json with its provenance changed (what older or tuned plans record)."""
+    d = tmp_path / "ck"
+    d.mkdir(exist_ok=True)
+    meta = json.loads((ckpt / "plan.json").read_text())
+    meta["provenance"] = {k: v for k, v in {**meta["provenance"], **prov}.items() if v is not None}
+    (d / "plan.json").write_text(json.dumps(meta))
+    return d
+
+
+def test_calibration_ids_of_older_plans_tuned_plans_and_methods_without_calibration(candidates, tmp_path):
+    calib, (_, q1) = candidates
+    ids = calibration_ids(q1)
+    # a plan written before the ids were recorded: its calibration folder's manifest is read
+    assert calibration_ids(_plan_with(q1, tmp_path, calibration_ids=None)) == ids
+    with pytest.raises(FileNotFoundError, match="whose manifest.json is missing"):
+        calibration_ids(_plan_with(q1, tmp_path, calibration_ids=None, calibration=str(tmp_path / "gone")))
+    # --tune-on steps count as calibration too, recorded or read from their folder
+    tuned = _plan_with(q1, tmp_path, tune_on=[{"calibration": "x", "ids": ["mt10/reach/calib/s7/0"]},
+                                              {"calibration": str(calib)}])
+    assert calibration_ids(tuned) == ids | {"mt10/reach/calib/s7/0"}
+    assert calibration_ids(_plan_with(q1, tmp_path, calibration=None, calibration_ids=None)) == set()
+    with pytest.raises(FileNotFoundError, match="no plan.json"):
+        calibration_ids(calib)
 
 
 def test_select_refuses_the_calibration_episodes_before_acting(chunk_ckpt, candidates, tmp_path):
@@ -65,7 +86,7 @@ def test_select_refuses_another_policys_checkpoint(chunk_ckpt, candidates, save_
         run_select(str(chunk_ckpt), [str(made[0])] * 2, 1, tmp_path / "s", seed=5)
 
 
-def test_select_evaluates_every_candidate_on_the_same_calib_episodes(chunk_ckpt, candidates, tmp_path):
+def test_select_evaluates_every_candidate_on_the_same_calib_episodes(chunk_ckpt, candidates, tmp_path, monkeypatch):
     _, made = candidates
     res = run_select(str(chunk_ckpt), [str(q) for q in made], 1, tmp_path / "s", seed=5, tasks=["reach", "push"])
     fp = json.loads((tmp_path / "s" / "fp.json").read_text())
@@ -77,10 +98,16 @@ def test_select_evaluates_every_candidate_on_the_same_calib_episodes(chunk_ckpt,
     assert res["candidates"][res["chosen_index"]]["vs_chosen"] is None
     assert all(r["weights_sha256"] == sha256(q / WEIGHTS) for r, q in zip(res["candidates"], made))
     assert json.loads((tmp_path / "s" / "selection.json").read_text()) == res
-    # a rerun reuses the evaluations; one asked on other episodes is refused, not mixed in
+    # a rerun reuses the evaluations (nothing acts again); one asked on other episodes is refused, not mixed in
+    monkeypatch.setattr("qvla.evaluate.evaluate", lambda *a, **k: pytest.fail("a kept evaluation was redone"))
     assert run_select(str(chunk_ckpt), [str(q) for q in made], 1, tmp_path / "s", seed=5, tasks=["reach", "push"]) == res
     with pytest.raises(ValueError, match="holds other episodes"):
         run_select(str(chunk_ckpt), [str(q) for q in made], 1, tmp_path / "s", seed=5, tasks=["reach"])
+    with pytest.raises(ValueError, match="empty task list"):
+        run_select(str(chunk_ckpt), [str(q) for q in made], 1, tmp_path / "s", seed=5, tasks=[])
+    # listed the other way round, each cand-<k> file now belongs to the other checkpoint's weights
+    with pytest.raises(ValueError, match="cand-0.json was made from weights .* holds"):
+        run_select(str(chunk_ckpt), [str(q) for q in made[::-1]], 1, tmp_path / "s", seed=5, tasks=["reach", "push"])
 
 
 def test_select_makes_no_choice_on_crashed_episodes(chunk_ckpt, candidates, tmp_path):

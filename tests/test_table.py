@@ -104,12 +104,21 @@ def test_run_table_refuses_an_evaluation_of_another_checkpoint(tmp_path):
     from qvla.checkpoint import WEIGHTS, sha256
     from qvla.policies import resolve
 
+    from qvla.envs import get_suite
+
     source = sha256(resolve("microvla-chunk") / WEIGHTS)
-    write_eval(tmp_path / "fp.json", {"e0": True}, weights_sha256=source)
+    ids = {e.id: True for e in get_suite("mt10").episodes("eval", 1, 0)}
+    write_eval(tmp_path / "fp.json", ids, weights_sha256=source)
     ckpt = tmp_path / "ckpt" / "w4a16-rtn"
     ckpt.mkdir(parents=True)
     (ckpt / "config.json").write_text(json.dumps({"quantization": {"source_weights_sha256": source}}))
     (ckpt / WEIGHTS).write_bytes(b"rebuilt")
-    write_eval(tmp_path / "eval-w4a16-rtn.json", {"e0": True}, weights_sha256="0" * 64)
+    write_eval(tmp_path / "eval-w4a16-rtn.json", ids, weights_sha256="0" * 64)
     with pytest.raises(ValueError, match="eval-w4a16-rtn.json was made from weights 000000000000, but .*w4a16-rtn holds "):
         run_table("microvla-chunk", ["W4A16"], ["rtn"], 1, tmp_path, calib=tmp_path / "calib")
+    # of these weights but of other episodes (another --episodes-per-task or --seed): refused, not paired
+    write_eval(tmp_path / "eval-w4a16-rtn.json", dict(list(ids.items())[:3]), weights_sha256=sha256(ckpt / WEIGHTS))
+    with pytest.raises(ValueError, match="eval-w4a16-rtn.json holds other episodes than this run's"):
+        run_table("microvla-chunk", ["W4A16"], ["rtn"], 1, tmp_path, calib=tmp_path / "calib")
+    with pytest.raises(ValueError, match="fp.json holds other episodes"):
+        run_table("microvla-chunk", ["W4A16"], ["rtn"], 1, tmp_path, calib=tmp_path / "calib", seed=1)

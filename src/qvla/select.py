@@ -17,30 +17,34 @@ from functools import partial
 from pathlib import Path
 
 from qvla.checkpoint import WEIGHTS, read_meta, sha256
-from qvla.table import _done, check_source, head_to_head, records
+from qvla.table import head_to_head, records, reuse_or_evaluate
 
 SPLIT = "calib"
 FORMAT = "qvla-selection/1"
 
 
 def calibration_ids(ckpt: str | Path) -> set[str]:
-    """The episode ids a quantized checkpoint's plan was calibrated on (and tuned on, with --tune-on): read
-    from the calibration manifests its plan names. Refuses a candidate whose calibration cannot be read: the
-    overlap could not be checked."""
+    """The episode ids a quantized checkpoint's plan was calibrated on (and tuned on, with --tune-on), as its
+    plan records them; a plan written before the ids were recorded names its calibration folders, whose
+    manifests are read instead. Refuses a candidate whose calibration cannot be read: the overlap could not be
+    checked."""
     plan_file = Path(ckpt) / "plan.json"
     if not plan_file.is_file():
         raise FileNotFoundError(f"{ckpt} is not a quantized checkpoint (no plan.json): nothing to select among")
-    calib = json.loads(plan_file.read_text()).get("provenance", {}).get("calibration")
-    if calib is None:
+    prov = json.loads(plan_file.read_text()).get("provenance", {})
+    if prov.get("calibration") is None:
         return set()  # a method that reads no calibration (rtn)
-    ids = set()
-    for d in [calib, *(read_meta(ckpt).get("quantization") or {}).get("tune_on", [])]:
-        manifest = Path(d) / "manifest.json"
-        if not manifest.is_file():
-            raise FileNotFoundError(f"{ckpt} was calibrated on {d}, whose manifest.json is missing: cannot check "
-                                    f"that the selection episodes are not its calibration ones")
-        ids |= {e["id"] for e in json.loads(manifest.read_text())["episodes"]}
-    return ids
+    sources = [{"calibration": prov["calibration"], "ids": prov.get("calibration_ids")}, *prov.get("tune_on", [])]
+    return set().union(*(s["ids"] if s.get("ids") is not None else _manifest_ids(ckpt, s["calibration"])
+                         for s in sources))
+
+
+def _manifest_ids(ckpt: str | Path, calib: str) -> list[str]:
+    manifest = Path(calib) / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{ckpt} was calibrated on {calib}, whose manifest.json is missing: cannot check "
+                                f"that the selection episodes are not its calibration ones")
+    return [e["id"] for e in json.loads(manifest.read_text())["episodes"]]
 
 
 def selection_specs(suite: str, episodes_per_task: int, seed: int, candidates: list[str],
@@ -57,11 +61,10 @@ def selection_specs(suite: str, episodes_per_task: int, seed: int, candidates: l
     return specs
 
 
-def choose(fp: dict, cands: list[dict]) -> int:
-    """Index of the candidate with the most successes over the episodes every row finished; the first
-    listed on a tie."""
-    common = [i for i in fp if all(i in r and r[i].get("error") is None for r in [fp, *cands])]
-    wins = [sum(bool(c[i]["success"]) for i in common) for c in cands]
+def choose(cands: list[dict]) -> int:
+    """Index of the candidate with the most successes over its episode records (all finished: a crashed
+    episode stops the selection before this); the first listed on a tie."""
+    wins = [sum(bool(r["success"]) for r in c.values()) for c in cands]
     return max(range(len(cands)), key=lambda k: (wins[k], -k))
 
 
@@ -70,7 +73,7 @@ def run_select(policy: str, candidates: list[str], episodes_per_task: int, out: 
     from qvla.evaluate import evaluate
     from qvla.policies import resolve
 
-    if not candidates or len(set(map(str, candidates))) != len(candidates):
+    if not candidates or len({Path(c).resolve() for c in candidates}) != len(candidates):
         raise ValueError(f"give one or more distinct --candidates checkpoints, got {candidates}")
     source = sha256(resolve(policy) / WEIGHTS)
     for c in candidates:
@@ -84,13 +87,13 @@ def run_select(policy: str, candidates: list[str], episodes_per_task: int, out: 
     run = partial(evaluate, suite=suite, episodes_per_task=episodes_per_task, seed=seed, workers=workers, tasks=tasks,
                   split=SPLIT)
     for ref, file, weights in runs:
-        _evaluation(ref, file, weights, ids, run)
+        reuse_or_evaluate(ref, file, weights, ids, run)
     summaries = [json.loads(f.read_text()) for _, f, _ in runs]
     errors = {r: len(s["errors"]) for (r, _, _), s in zip(runs, summaries) if s["errors"]}
     if errors:  # a crashed episode is neither a success nor a failure: no choice is made on it
         raise RuntimeError(f"episodes crashed during selection ({errors}); see the .jsonl records under {out}")
     recs = [records(f) for _, f, _ in runs]
-    best = choose(recs[0], recs[1:])
+    best = choose(recs[1:])
     rows = [_row(c, w, s, r, recs[0], None if k == best else recs[1 + best])
             for k, ((c, _, w), s, r) in enumerate(zip(runs[1:], summaries[1:], recs[1:]))]
     result = {"format": FORMAT, "policy": policy, "suite": suite, "split": SPLIT, "seed": seed,
@@ -101,17 +104,6 @@ def run_select(policy: str, candidates: list[str], episodes_per_task: int, out: 
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out / "selection.json")
     return result
-
-
-def _evaluation(ref: str, file: Path, weights: str, ids: set[str], run) -> None:
-    """run(ref, out=file) evaluates on the selection episodes; an evaluation already there must be of these
-    very weights and episodes."""
-    if not _done(file):
-        run(ref, out=file)
-        return
-    check_source(json.loads(file.read_text()).get("weights_sha256"), weights, file, f"{ref} holds")
-    if set(records(file)) != ids:
-        raise ValueError(f"{file} holds other episodes than this selection's; use a new --out (or delete it)")
 
 
 def _row(ckpt: str, weights: str, summary: dict, recs: dict, fp: dict, chosen: dict | None) -> dict:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 SETTING = re.compile(r"^W(\d+(?:\.\d+)?)A(4|8|16)$")
 
@@ -91,12 +93,26 @@ def check_source(found: str | None, source: str, what: Path, now: str = "the pol
                          f"(or delete {what})")
 
 
+def reuse_or_evaluate(ref: str, file: Path, weights: str, ids: set[str], run: Callable[..., object],
+                      now: str | None = None) -> None:
+    """run(ref, out=file) evaluates `ref` on the episodes `ids`, unless `file` already holds that evaluation. One
+    kept from an earlier run must be of these very weights (results are kept in git, checkpoints are rebuilt,
+    maybe from other observations or by other code) and of these very episodes, or it is refused."""
+    if not _done(file):
+        run(ref, out=file)
+        return
+    check_source(json.loads(file.read_text()).get("weights_sha256"), weights, file, now or f"{ref} holds")
+    if set(records(file)) != ids:
+        raise ValueError(f"{file} holds other episodes than this run's; use a new --out (or delete {file})")
+
+
 def run_table(policy: str, settings: list[str], methods: list[str], episodes_per_task: int, out: str | Path,
               calib: str | Path | None = None, calib_episodes: int = 10, workers: int = 1, seed: int = 0,
               form: str = "action", bench_runs: int = 20) -> dict:
     from qvla.bench import run_bench
     from qvla.calibrate import collect
     from qvla.checkpoint import WEIGHTS, sha256
+    from qvla.envs import get_suite
     from qvla.evaluate import evaluate
     from qvla.policies import resolve
     from qvla.quant.methods import METHODS, QuantConfig, split_method
@@ -116,10 +132,9 @@ def run_table(policy: str, settings: list[str], methods: list[str], episodes_per
             collect(policy, "mt10", calib_episodes, calib, seed)
     source = sha256(resolve(policy) / WEIGHTS)
     fp_file = out / "fp.json"
-    if fp_file.is_file():
-        check_source(json.loads(fp_file.read_text()).get("weights_sha256"), source, fp_file)
-    if not _done(fp_file):
-        evaluate(policy, "mt10", episodes_per_task, seed, workers, fp_file)
+    run = partial(evaluate, suite="mt10", episodes_per_task=episodes_per_task, seed=seed, workers=workers)
+    ids = {e.id for e in get_suite("mt10").episodes("eval", episodes_per_task, seed)}
+    reuse_or_evaluate(policy, fp_file, source, ids, run, now="the policy's weights are now")
     rows = []
     for setting, (w, a) in parsed.items():
         for method in methods:
@@ -130,11 +145,7 @@ def run_table(policy: str, settings: list[str], methods: list[str], episodes_per
                 check_source(made_from, source, ckpt)
             else:
                 quantize(policy, QuantConfig(method=method, w_bits=w, a_bits=a, form=form), calib, ckpt)
-            if _done(ev):  # an evaluation kept from an earlier run must be of this very checkpoint
-                check_source(json.loads(ev.read_text()).get("weights_sha256"), sha256(ckpt / WEIGHTS), ev,
-                             f"{ckpt} holds")  # rebuilt from other calibration observations or by other code
-            else:
-                evaluate(str(ckpt), "mt10", episodes_per_task, seed, workers, ev)
+            reuse_or_evaluate(str(ckpt), ev, sha256(ckpt / WEIGHTS), ids, run)
             if not bj.is_file():
                 run_bench(str(ckpt), bj, runs=bench_runs)
             rows.append({"setting": setting, "method": method, "checkpoint": str(ckpt), "eval": str(ev),

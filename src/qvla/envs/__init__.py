@@ -17,6 +17,8 @@ class Suite:
                  tasks: list[str] | None = None) -> list[EpisodeSpec]:
         """The first `per_task` episodes of `split` for each task; a dict gives each task its own count
         (tasks it leaves out get none). Episode i of a task is the same whatever the count."""
+        if tasks is not None and not tasks:
+            raise ValueError(f"an empty task list selects no episodes; name tasks of {self.name!r} or give none (all)")
         counts = per_task if isinstance(per_task, dict) else {t: per_task for t in (tasks or self.tasks)}
         tasks = list(counts) if tasks is None else tasks
         for t in tasks:

@@ -118,7 +118,7 @@ def tuning_steps(policy_ref: str, weights: str, calib: str | Path, dirs: list, s
             o.extras = {**o.extras, "episode": f"tune{k}:{o.extras['episode']}", "twin": o.extras["episode"]}
         extra += observations
         sources.append({"calibration": str(d), "episodes": len(manifest["episodes"]), "steps": len(observations),
-                        "acted_by": manifest.get("acted_by")})
+                        "acted_by": manifest.get("acted_by"), "ids": [e["id"] for e in manifest["episodes"]]})
     return extra, sources
 
 
@@ -160,7 +160,9 @@ def quantize(policy_ref: str, cfg: QuantConfig, calib: str | Path | None, out: s
         if calib is None:
             raise ValueError(f"method {cfg.method} needs --calib (a directory written by 'qvla calibrate')")
         path, policy, manifest, observations, weights = _load(policy_ref, calib, suite)
-        provenance.update({"calibration": str(calib), "calibration_episodes": len(manifest["episodes"])})
+        # the ids travel with the plan: a later stage (qvla select) must know them without the calibration folder
+        provenance.update({"calibration": str(calib), "calibration_episodes": len(manifest["episodes"]),
+                           "calibration_ids": [e["id"] for e in manifest["episodes"]]})
         transforms = None
         if needs in ("sensitivity", "both", "transformed"):
             if needs == "transformed":  # measured on the layers after the method's own transforms
