@@ -9,16 +9,14 @@
 #      eval-chosen-seed1.json, chosen-seed1-paired.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 S=${1:-w4a4}; N=${N:-50}; SEED=${SEED:-100}
 T=results/table/microvla-chunk-v2; AB=results/ablation; OUT=results/selection/chunk-v2-$S
 CAL30=$AB/chunk-v2-calib30/calib; CALS1=$AB/chunk-v2-calib-seed1/calib
 declare -A METHOD=([w4a4]=qvla-rot-gptq [w4a16]=qvla-gptq) ABITS=([w4a4]=4 [w4a16]=16)
 M=${METHOD[$S]}; A=${ABITS[$S]}
-for d in $T/calib $CAL30 $CALS1; do  # the observations are not kept in git: regenerated, checked against the manifest
-  [ -d $d/episodes ] || { echo "$d lacks its episodes: qvla calibrate --policy microvla-chunk with the manifest's"\
-    "--episodes/--seed into an empty directory, then copy its episodes/ there" >&2; exit 1; }
-done
-Q="quantize --policy microvla-chunk --form action --w-bits 4 --a-bits $A"
+need_episodes $T/calib $CAL30 $CALS1
+Q="--policy microvla-chunk --form action --w-bits 4 --a-bits $A"
 # name | checkpoint | how it is made (the first is the table's plan, rebuilt by the table's command into runs/:
 # the table's ckpt/ is not kept in git, and a rebuild there would no longer match the table's kept evaluations;
 # +at ones come from bench/action_tuning.sh and bench/onpolicy_tuning.sh)
@@ -31,23 +29,13 @@ CANDS=(
   "at|runs/chunk-v2-$S-$M-lc-at|"
   "at-acted|runs/chunk-v2-$S-$M-lc-at-acted|"
 )
-# eval CKPT FILE [qvla eval args]: evaluates unless FILE already holds an evaluation of these very weights; one of
-# other weights (a checkpoint rebuilt since) is refused, never reused
-eval_once() {
-  local ck=$1 file=$2; shift 2
-  if [ -f $file ]; then
-    .venv/bin/python -c "import json,sys; from qvla.checkpoint import sha256
-found, now = json.load(open(sys.argv[2])).get('weights_sha256'), sha256(sys.argv[1] + '/model.safetensors')
-sys.exit(0 if found == now else f'{sys.argv[2]} was made from other weights than {sys.argv[1]} holds: delete it')" $ck $file
-  else .venv/bin/qvla eval --policy $ck --episodes-per-task 20 --workers 2 "$@" --out $file; fi
-}
 mkdir -p $OUT
 CKPTS=(); EVALS=()
 for c in "${CANDS[@]}"; do
   IFS='|' read -r name ck how <<<"$c"
   if [ ! -f $ck/config.json ]; then
     [ -n "$how" ] || { echo "$ck is missing: make it with bench/action_tuning.sh / bench/onpolicy_tuning.sh" >&2; exit 1; }
-    .venv/bin/qvla $how --out $ck
+    build_once $ck $how
   fi
   E=$OUT/eval-$name.json
   eval_once $ck $E

@@ -314,7 +314,7 @@ def test_action_tuning_also_fits_the_steps_of_tune_on_directories(chunk_ckpt, ca
     assert h["train_steps"] + h["held_out_steps"] == 14
     assert plain.plan.provenance["action_tuning"]["held_out_steps"] < h["held_out_steps"]  # both episodes hold out
     assert tuned.plan.provenance["tune_on"] == [{"calibration": str(extra), "episodes": 1, "steps": 6,
-                                                 "acted_by": None}]
+                                                 "acted_by": None, "ids": [first]}]
     assert json.loads((tmp_path / "q2" / "config.json").read_text())["quantization"]["tune_on"] == [str(extra)]
     assert len({int(b) for v in plain.plan.bits.values() for b in v}) > 1  # an allocation the steps could move
     assert all(torch.equal(plain.plan.bits[n], b) for n, b in tuned.plan.bits.items())

@@ -142,3 +142,19 @@ def test_quantize_no_prune_default_is_distinct_from_an_empty_list(argv, expected
 
     a = build_parser().parse_args(["quantize", "--policy", "p", "--w-bits", "3", "--out", "o", *argv])
     assert a.no_prune == expected
+
+
+def test_quantize_passes_the_smoothquant_alpha_to_the_config(monkeypatch, tmp_path):
+    from qvla.cli import main
+
+    seen = {}
+
+    def fake_quantize(policy, cfg, calib, out, suite, tune_on=None):
+        seen["cfg"] = cfg
+        (tmp_path / "config.json").write_text(json.dumps({"quantization": {"average_bits": 4.0}}))
+        return tmp_path
+
+    monkeypatch.setattr("qvla.quant.pipeline.quantize", fake_quantize)
+    assert main(["quantize", "--policy", "p", "--method", "smoothquant", "--w-bits", "4", "--a-bits", "4",
+                 "--alpha", "0.8", "--calib", "c", "--out", str(tmp_path)]) == 0
+    assert seen["cfg"].alpha == 0.8 and seen["cfg"].method == "smoothquant"

@@ -109,7 +109,7 @@ def _quantize(a: argparse.Namespace) -> None:
 
     cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, form=a.form, proxy=a.proxy,
                       solver=a.solver, pins=_pins(a.keep), no_prune=a.no_prune, probes=a.probes,
-                      count=a.count, weighting=a.weighting, tie=a.tie)
+                      count=a.count, weighting=a.weighting, tie=a.tie, alpha=a.alpha)
     out = quantize(a.policy, cfg, a.calib, a.out, a.suite, tune_on=a.tune_on)
     q = json.loads((out / "config.json").read_text())["quantization"]
     print(f"{a.method} W{a.w_bits:g}A{a.a_bits}: average {q['average_bits']:.3f} bits per weight -> {out}")
@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="roles that may not use 0 bits (default: vision below an average of 4 bits; "
                         "--no-prune alone lets every role prune)")
     q.add_argument("--probes", type=int, default=None)
+    q.add_argument("--alpha", type=float, default=0.5,
+                   help="SmoothQuant's migration strength in [0, 1] (smoothquant, qvla-sq, qvla-srot): 0 leaves the "
+                        "activations as they are, 1 moves all of their range into the weights")
     q.add_argument("--count", default="stored", choices=["stored", "held"],
                    help="the budget counts bits as stored on disk, or as the CPU kernels hold them (2 bits as 4)")
     q.add_argument("--weighting", default="steps", choices=["steps", "episode"],

@@ -160,6 +160,8 @@ def test_a_quantized_checkpoint_is_not_quantized_again(tmp_path, rtn4):
     (["--w-bits", "4", "--keep", "lm_head"], "--keep expects ROLE=BITS or re:REGEX=BITS, got 'lm_head'"),
     (["--w-bits", "4"], "method qvla needs --calib"),
     (["--w-bits", "3", "--method", "rtn"], "rtn needs integer --w-bits in (2, 4, 8, 16), got 3.0"),
+    (["--w-bits", "4", "--method", "smoothquant", "--alpha", "1.5"],
+     "--alpha (SmoothQuant's migration strength) must be in [0, 1], got 1.5"),
 ])
 def test_quantize_cli_refuses_bad_arguments(capsys, tmp_path, chunk_ckpt, extra, message):
     out = tmp_path / "out"

@@ -94,6 +94,8 @@ class QuantConfig:
             raise ValueError("layer calibration (+lc, +lcp, +lcl) compares action distances, not their squares: "
                              "use --proxy projected or product with it")
 
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"--alpha (SmoothQuant's migration strength) must be in [0, 1], got {self.alpha}")
         if self.weighting not in ("steps", "episode"):
             raise ValueError(f"--weighting must be 'steps' or 'episode', got {self.weighting!r}")
         if self.count not in ("stored", "held"):
