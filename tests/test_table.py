@@ -50,7 +50,7 @@ def write_eval(path, successes: dict[str, bool], tasks=("reach", "push"), weight
 
 def test_write_table_reads_every_row(tmp_path):
     write_eval(tmp_path / "fp.json", {"e0": True, "e1": True, "e2": False, "e3": True})
-    write_eval(tmp_path / "eval-x.json", {"e0": True, "e1": False, "e2": False, "e3": True})
+    write_eval(tmp_path / "eval-x.json", {"e0": False, "e1": True, "e2": True, "e3": False})
     bench = {"weight_bytes": 2**20, "average_bits": 4.0, "latency_ms": 5.0, "speedup_vs_fp32": 1.5,
              "speedup_vs_bf16": 3.0, "weight_bytes_fp32": 4 * 2**20, "device": {"cpu": "x", "threads": 2, "isa": "AVX2"}}
     (tmp_path / "bench-x.json").write_text(json.dumps(bench))
@@ -60,6 +60,8 @@ def test_write_table_reads_every_row(tmp_path):
     assert t["rows"][0]["delta"] == pytest.approx(-0.25) and t["rows"][0]["pairs"] == 4
     md = (tmp_path / "table.md").read_text()
     assert "| W4A16 | rtn | 50 | 50 | 50.0 | -25.0 ±" in md and "1.00 | 1.50 |" in md
+    # e0 and e3 lost, e2 gained: Δ nets them to one episode of four
+    assert "| 2 / 1 | 1.00 |" in md and (t["rows"][0]["fp_successes_lost"], t["rows"][0]["fp_failures_gained"]) == (2, 1)
     assert "| FP | — | 50 | 100 | 75.0 | — |" in md  # the average keeps its half points
     assert json.loads((tmp_path / "table.json").read_text())["rows"][0]["method"] == "rtn"
     assert "QVLA against each baseline" not in md  # no QVLA row, nothing to compare

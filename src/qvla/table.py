@@ -177,10 +177,11 @@ def write_table(policy: str, fp_file: Path, rows: list[dict], out: Path, episode
     tasks = list(fp_sum["per_task"])
     pct = lambda v: "err" if v is None else f"{100 * v:.0f}"  # noqa: E731
     avg = lambda v: f"{100 * v:.1f}"  # noqa: E731  (200 episodes: averages move in half points)
-    head = "| Setting | Method | " + " | ".join(tasks) + " | Avg | Δ vs FP (95% CI) | Mem (MB) | Speedup vs fp32 | errors |"
-    lines = [head, "|" + "---|" * (len(tasks) + 7)]
+    head = ("| Setting | Method | " + " | ".join(tasks) + " | Avg | Δ vs FP (95% CI) | FP successes lost / FP failures "
+            "gained | Mem (MB) | Speedup vs fp32 | errors |")
+    lines = [head, "|" + "---|" * (len(tasks) + 8)]
     lines.append("| FP | — | " + " | ".join(pct(fp_sum["per_task"][t]) for t in tasks)
-                 + f" | {avg(fp_sum['success_rate'])} | — | — | 1.00 | {len(fp_sum['errors'])} |")
+                 + f" | {avg(fp_sum['success_rate'])} | — | — | — | 1.00 | {len(fp_sum['errors'])} |")
     table = {"policy": policy, "episodes_per_task": episodes_per_task, "fp": fp_sum["success_rate"],
              "fp_per_task": fp_sum["per_task"], "rows": []}
     bench0 = None
@@ -194,17 +195,21 @@ def write_table(policy: str, fp_file: Path, rows: list[dict], out: Path, episode
         b = json.loads(Path(r["bench"]).read_text())
         bench0 = bench0 or b
         m, hw, n = paired_delta(fp, recs[r["eval"]])
+        vs_fp = head_to_head(recs[r["eval"]], fp)  # losses: FP succeeded, this row failed; wins: the reverse
         lines.append(f"| {r['setting']} | {r['method']} | " + " | ".join(pct(s["per_task"][t]) for t in tasks)
-                     + f" | {avg(s['success_rate'])} | {100 * m:+.1f} ± {100 * hw:.1f} | "
-                     f"{b['weight_bytes'] / 2**20:.2f} | {b['speedup_vs_fp32']:.2f} | {len(s['errors'])} |")
+                     + f" | {avg(s['success_rate'])} | {100 * m:+.1f} ± {100 * hw:.1f} | {vs_fp['losses']} / "
+                     f"{vs_fp['wins']} | {b['weight_bytes'] / 2**20:.2f} | {b['speedup_vs_fp32']:.2f} | {len(s['errors'])} |")
         table["rows"].append({**r, "success_rate": s["success_rate"], "per_task": s["per_task"],
                               "delta": m, "delta_ci95": hw, "pairs": n, "errors": len(s["errors"]),
+                              "fp_successes_lost": vs_fp["losses"], "fp_failures_gained": vs_fp["wins"],
                               "weight_bytes": b["weight_bytes"], "average_bits": b["average_bits"],
                               "latency_ms": b["latency_ms"], "speedup_vs_fp32": b["speedup_vs_fp32"],
                               "speedup_vs_bf16": b["speedup_vs_bf16"]})
     device = bench0["device"] if bench0 else {}
     note = (f"{policy}, mt10, {episodes_per_task} evaluation episodes per task, every row on the same episodes "
-            f"as FP. Success in %. Δ: paired difference with a 95 % normal-approximation interval. Mem: weights "
+            f"as FP. Success in %. Δ: paired difference with a 95 % normal-approximation interval. Lost / gained: "
+            f"episodes FP succeeds in that the row fails, and the reverse (Δ nets the two; a faithful quantization "
+            f"has both small, while a perturbed policy can gain on FP's weak tasks what it loses elsewhere). Mem: weights "
             f"held in memory by the real-kernel checkpoint (fp32 policy: "
             f"{bench0['weight_bytes_fp32'] / 2**20:.2f} MB). Speedup: batch-1 control step vs fp32, "
             f"{device.get('cpu')}, {device.get('threads')} threads ({device.get('isa')}). Coverage: QVLA "

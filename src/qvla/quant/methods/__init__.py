@@ -128,6 +128,7 @@ METHODS["qvla-omni"] = _method("qvla_omni")
 METHODS["qvla-gptq"] = _method("qvla_gptq")
 METHODS["qvla-rot-gptq"] = _method("qvla_rot_gptq")
 METHODS["qvla-rot-gptaq"] = _method("qvla_rot_gptaq")
+METHODS["qvla-sq-gptq"] = _method("qvla_sq_gptq")
 # "transformed": sensitivities measured on the layers after the method's transforms_for(); the plan maker
 # then gets (sensitivity, transforms, observations)
 NEEDS: dict[str, str | None] = {"qvla": "sensitivity", "rtn": None, "smoothquant": "observations",
@@ -135,10 +136,10 @@ NEEDS: dict[str, str | None] = {"qvla": "sensitivity", "rtn": None, "smoothquant
                                 "omniquant-block": "observations",
                                 "quarot": None, "qvla-sq": "both", "qvla-awq": "both", "qvla-omni": "both", "qvla-rot": "transformed",
                                 "qvla-srot": "transformed", "qvla-gptq": "both", "qvla-rot-gptq": "transformed",
-                                "qvla-rot-gptaq": "transformed"}
+                                "qvla-rot-gptaq": "transformed", "qvla-sq-gptq": "transformed"}
 # what each "transformed" method's sensitivities are labelled (two methods with one label share the tables)
 TRANSFORMED: dict[str, str] = {"qvla-rot": "rotation", "qvla-srot": "smoothrot", "qvla-rot-gptq": "rotation",
-                               "qvla-rot-gptaq": "rotation"}
+                               "qvla-rot-gptaq": "rotation", "qvla-sq-gptq": "smooth"}
 
 
 def transforms_for(method: str) -> Callable:
