@@ -340,3 +340,24 @@ def test_omniquant_block_trains_each_block_on_its_quantized_inputs(monkeypatch, 
         fp, q = OB.block_calls(policy, b, batches), OB.block_calls(quant, b, batches)
         err = sum(float((x[2] - y[2]).pow(2).mean()) for x, y in zip(q, fp)) / len(fp)
         assert err == pytest.approx(losses[b]["end"], rel=1e-3), b
+
+
+def test_qvla_sq_gptq_measures_and_rounds_the_smoothed_layers(make_toy, toy_obs):
+    """qvla-sq-gptq: SmoothQuant's scales at the configured alpha on every Linear, the sensitivities it
+    allocates from measured under them, and GPTQ's codes for every row it rounds."""
+    from qvla.quant import sensitivity as S
+    from qvla.quant.methods import TRANSFORMED, transforms_for
+    from qvla.quant.methods.smoothquant import smoothing_transforms
+
+    toy = make_toy()
+    cfg = QuantConfig(method="qvla-sq-gptq", w_bits=4, a_bits=8, alpha=0.7)
+    transforms = transforms_for("qvla-sq-gptq")(toy, cfg, toy_obs)
+    sens = S.compute(toy, toy_obs, a_bits=8, batch_size=8, transforms=(TRANSFORMED["qvla-sq-gptq"], transforms))
+    plan = METHODS["qvla-sq-gptq"](toy, cfg, (sens, transforms, toy_obs), {})
+    smooth = smoothing_transforms(toy, toy_obs, list(plan.bits), 0.7)
+    assert smooth and plan.provenance["alpha"] == 0.7
+    for n, t in smooth.items():
+        assert torch.equal(plan.transforms[n]["in_scale"], t["in_scale"])
+        assert "weight" in plan.transforms[n] or not bool(((plan.bits[n] > 0) & (plan.bits[n] < 16)).any())
+    assert not torch.equal(next(iter(smooth.values()))["in_scale"],
+                           next(iter(smoothing_transforms(toy, toy_obs, list(plan.bits), 0.5).values()))["in_scale"])
