@@ -4,7 +4,8 @@
 # episodes (calib split, suite seed $SEED, the FP run reused from QVLA's selection), and `qvla select` chooses
 # one. The chosen checkpoint is then evaluated on the table's 200 episodes and the 200 seed-1 ones and set
 # against QVLA's chosen plan there (bench/selected_vs_selected.py): procedure against procedure.
-# Usage: bench/baseline_selection.sh w4a4-smoothquant|w4a16-omniquant   (run closed_loop_selection.sh first)
+# Usage: bench/baseline_selection.sh w4a4-smoothquant|w4a4-omniquant|w4a16-omniquant|w4a16-gptq
+#   (run bench/closed_loop_selection.sh for the setting first)
 #   -> results/selection/chunk-v2-<set>/{fp,cand-<k>}.json(l), selection.json, eval-chosen.json,
 #      eval-chosen-seed1.json, vs-qvla.json
 set -euo pipefail
@@ -30,7 +31,14 @@ case $S in
     "table|--method omniquant --calib $T/calib" "calib-seed1|--method omniquant --calib $CALS1"
     "calib30|--method omniquant --calib $CAL30" "block|--method omniquant-block --calib $T/calib"
     "block-seed1|--method omniquant-block --calib $CALS1" "block-calib30|--method omniquant-block --calib $CAL30") ;;
-  *) echo "unknown set $S: w4a4-smoothquant or w4a16-omniquant" >&2; exit 1 ;;
+  w4a4-omniquant) CANDS=(  # LWC + LET, per layer and block by block
+    "table|--method omniquant --calib $T/calib" "calib-seed1|--method omniquant --calib $CALS1"
+    "calib30|--method omniquant --calib $CAL30" "block|--method omniquant-block --calib $T/calib"
+    "block-seed1|--method omniquant-block --calib $CALS1" "block-calib30|--method omniquant-block --calib $CAL30") ;;
+  w4a16-gptq) CANDS=(  # GPTQ has no setting of its own to vary here: the three calibration sets
+    "table|--method gptq --calib $T/calib" "calib-seed1|--method gptq --calib $CALS1"
+    "calib30|--method gptq --calib $CAL30") ;;
+  *) echo "unknown set $S: w4a4-smoothquant, w4a4-omniquant, w4a16-omniquant or w4a16-gptq" >&2; exit 1 ;;
 esac
 mkdir -p $OUT
 CKPTS=()
