@@ -25,7 +25,7 @@ def compare(fp: dict, q: dict, b: dict) -> dict:
         raise SystemExit("an episode crashed: its success is unknown, so no drop is computed")
     drop_q, drop_b = rate(fp) - rate(q), rate(fp) - rate(b)
     return {"episodes": len(fp), "fp": rate(fp), "qvla": rate(q), "baseline": rate(b), "drop_qvla": drop_q,
-            "drop_baseline": drop_b, "drop_ratio": drop_q / drop_b if drop_b > 0 else None,
+            "drop_baseline": drop_b, "drop_ratio": max(drop_q, 0.0) / drop_b if drop_b > 0 else None,  # a gain: 0
             "qvla_vs_baseline": head_to_head(q, b), "qvla_vs_fp": head_to_head(q, fp),
             "baseline_vs_fp": head_to_head(b, fp)}
 
