@@ -7,7 +7,7 @@
 # Usage: bench/baseline_selection.sh w4a4-smoothquant|w4a4-omniquant|w4a16-omniquant|w4a16-gptq
 #   (run bench/closed_loop_selection.sh for the setting first)
 #   -> results/selection/chunk-v2-<set>/{fp,cand-<k>}.json(l), selection.json, eval-chosen.json,
-#      eval-chosen-seed1.json, vs-qvla.json
+#      eval-chosen-seed1.json, vs-qvla.json, vs-qvla-with-selection.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -63,3 +63,9 @@ print(next(f for f in sorted(pathlib.Path(sys.argv[1]).glob('eval-*.json'))
 .venv/bin/python bench/selected_vs_selected.py --fp $T/fp.json results/fp/shift/microvla-chunk-shift2-seed1.json \
   --qvla $QEV $QSEL/eval-chosen-seed1.json --baseline $OUT/eval-chosen.json $OUT/eval-chosen-seed1.json \
   --out $OUT/vs-qvla.json
+# the same with the selection episodes as a third set (each chosen checkpoint's score there is the one it was
+# chosen for, so it leans its way): all 900 episodes together
+idx() { .venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen_index'])" $1/selection.json; }
+.venv/bin/python bench/selected_vs_selected.py --fp $T/fp.json results/fp/shift/microvla-chunk-shift2-seed1.json \
+  $QSEL/fp.json --qvla $QEV $QSEL/eval-chosen-seed1.json $QSEL/cand-$(idx $QSEL).json --baseline $OUT/eval-chosen.json \
+  $OUT/eval-chosen-seed1.json $OUT/cand-$(idx $OUT).json --out $OUT/vs-qvla-with-selection.json
