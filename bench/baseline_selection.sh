@@ -15,7 +15,7 @@ S=$1; N=${N:-50}; SEED=${SEED:-100}
 SETTING=${S%%-*}; OUT=results/selection/chunk-v2-$S; QSEL=results/selection/chunk-v2-$SETTING
 T=results/table/microvla-chunk-v2; AB=results/ablation
 CAL30=$AB/chunk-v2-calib30/calib; CALS1=$AB/chunk-v2-calib-seed1/calib
-need_episodes $T/calib $CAL30 $CALS1
+regen_episodes $T/calib $CAL30 $CALS1
 [ -f $QSEL/selection.json ] || { echo "run bench/closed_loop_selection.sh $SETTING first" >&2; exit 1; }
 declare -A ABITS=([w4a4]=4 [w4a16]=16)
 Q="--policy microvla-chunk --form action --w-bits 4 --a-bits ${ABITS[$SETTING]}"

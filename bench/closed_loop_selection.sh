@@ -15,7 +15,7 @@ T=results/table/microvla-chunk-v2; AB=results/ablation; OUT=results/selection/ch
 CAL30=$AB/chunk-v2-calib30/calib; CALS1=$AB/chunk-v2-calib-seed1/calib
 declare -A METHOD=([w4a4]=qvla-rot-gptq [w4a16]=qvla-gptq) ABITS=([w4a4]=4 [w4a16]=16)
 M=${METHOD[$S]}; A=${ABITS[$S]}
-need_episodes $T/calib $CAL30 $CALS1
+regen_episodes $T/calib $CAL30 $CALS1
 Q="--policy microvla-chunk --form action --w-bits 4 --a-bits $A"
 # name | checkpoint | how it is made (the first is the table's plan, rebuilt by the table's command into runs/:
 # the table's ckpt/ is not kept in git, and a rebuild there would no longer match the table's kept evaluations;

@@ -16,10 +16,19 @@ build_once() {
   [ -f $ck/config.json ] || .venv/bin/qvla quantize "$@" --out $ck
 }
 
-# the calibration observations are not kept in git: each directory must have been regenerated first
-need_episodes() {
+# regen_episodes DIR...: the calibration observations are not kept in git; rebuild a calibration directory's
+# episodes/ (qvla calibrate is deterministic) with the episode count, seed and suite its manifest records, and
+# refuse the result unless its episodes are the manifest's (ids, policy calls and outcomes)
+regen_episodes() {
   for d in "$@"; do
-    [ -d $d/episodes ] || { echo "$d lacks its episodes: qvla calibrate --policy microvla-chunk with the manifest's"\
-      "--episodes/--seed into an empty directory, then copy its episodes/ there" >&2; exit 1; }
+    [ -d $d/episodes ] && continue
+    local tmp; mkdir -p runs; tmp=$(mktemp -d runs/regen.XXXX)
+    read -r n seed policy suite < <(.venv/bin/python -c "import json,sys; m = json.load(open(sys.argv[1]))
+print(len(m['episodes']), m['seed'], m['policy'], m['suite'])" $d/manifest.json)
+    .venv/bin/qvla calibrate --policy $policy --suite $suite --episodes $n --seed $seed --out $tmp/calib
+    .venv/bin/python -c "import json,sys; ids = lambda f: [(e['id'], e['calls'], e['success']) for e in json.load(open(f))['episodes']]
+sys.exit(0 if ids(sys.argv[1]) == ids(sys.argv[2]) else f'{sys.argv[2]}: regenerated episodes differ from its manifest')" \
+      $tmp/calib/manifest.json $d/manifest.json
+    mv $tmp/calib/episodes $d/episodes && rm -rf $tmp
   done
 }
