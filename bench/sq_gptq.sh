@@ -1,22 +1,44 @@
 #!/usr/bin/env bash
-# qvla-sq-gptq (SmoothQuant's migration as the measured transform, GPTQ at the planned bits) at W4A4 on the
-# chunk policy, against the table's W4A4 rows (qvla-rot-gptq+lc and SmoothQuant) on the table's 200 evaluation
-# episodes, and against QVLA's and SmoothQuant's selected checkpoints on the 200 seed-1 ones.
-# Usage: bench/sq_gptq.sh  -> results/ablation/chunk-v2-w4a4-qvla-sq-gptq+lc{,-seed1}.json, chunk-v2-sq-gptq-paired.json
+# qvla-sq-gptq+lc (SmoothQuant's migration as the measured transform, GPTQ at the planned bits, layer-calibrated
+# sensitivities) at W4A4 on the chunk policy, made from each of the three calibration sets QVLA's closed-loop
+# selection uses:
+#  1. each plan on the table's 200 evaluation episodes, paired with FP and the table's W4A4 rows;
+#  2. the table-calibration plan on the 200 seed-1 episodes, paired with FP, SmoothQuant's table plan and the
+#     selected QVLA / SmoothQuant checkpoints there;
+#  3. the three on the 500 selection episodes (qvla select, FP run reused from QVLA's selection), paired with
+#     QVLA's and SmoothQuant's candidates there; and qvla bench of the table-calibration plan.
+# Usage: bench/sq_gptq.sh  -> results/ablation/chunk-v2-w4a4-qvla-sq-gptq+lc*.json, chunk-v2-sq-gptq*-paired.json,
+#   results/selection/chunk-v2-w4a4-sq-gptq/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-T=results/table/microvla-chunk-v2; AB=results/ablation; S=results/selection
-CK=runs/chunk-v2-w4a4-qvla-sq-gptq-lc
-regen_episodes $T/calib
-build_once $CK --policy microvla-chunk --form action --w-bits 4 --a-bits 4 --method qvla-sq-gptq+lc --calib $T/calib
-eval_once $CK $AB/chunk-v2-w4a4-qvla-sq-gptq+lc.json
-eval_once $CK $AB/chunk-v2-w4a4-qvla-sq-gptq+lc-seed1.json --seed 1
+T=results/table/microvla-chunk-v2; AB=results/ablation; S=results/selection; R=results/replicate
+CAL30=$AB/chunk-v2-calib30/calib; CALS1=$AB/chunk-v2-calib-seed1/calib
+regen_episodes $T/calib $CAL30 $CALS1
+Q="--policy microvla-chunk --form action --w-bits 4 --a-bits 4 --method qvla-sq-gptq+lc"
+CK=runs/chunk-v2-w4a4-qvla-sq-gptq-lc; E=$AB/chunk-v2-w4a4-qvla-sq-gptq+lc
+build_once $CK $Q --calib $T/calib
+build_once $CK-seed1 $Q --calib $CALS1
+build_once $CK-calib30 $Q --calib $CAL30
+eval_once $CK $E.json
+eval_once $CK-seed1 $E-calib-seed1.json
+eval_once $CK-calib30 $E-calib30.json
+eval_once $CK $E-seed1.json --seed 1
+P=()
+for e in $E.json $E-calib-seed1.json $E-calib30.json; do
+  P+=($T/fp.json $e $T/eval-w4a4-qvla-rot-gptq+lc.json $e $T/eval-w4a4-smoothquant.json $e $T/eval-w4a4-omniquant.json $e)
+done
+.venv/bin/python bench/paired.py "${P[@]}" --out $AB/chunk-v2-sq-gptq-paired.json
 .venv/bin/python bench/paired.py \
-  $T/fp.json $AB/chunk-v2-w4a4-qvla-sq-gptq+lc.json \
-  $T/eval-w4a4-qvla-rot-gptq+lc.json $AB/chunk-v2-w4a4-qvla-sq-gptq+lc.json \
-  $T/eval-w4a4-smoothquant.json $AB/chunk-v2-w4a4-qvla-sq-gptq+lc.json \
-  results/fp/shift/microvla-chunk-shift2-seed1.json $AB/chunk-v2-w4a4-qvla-sq-gptq+lc-seed1.json \
-  $S/chunk-v2-w4a4/eval-chosen-seed1.json $AB/chunk-v2-w4a4-qvla-sq-gptq+lc-seed1.json \
-  $S/chunk-v2-w4a4-smoothquant/eval-chosen-seed1.json $AB/chunk-v2-w4a4-qvla-sq-gptq+lc-seed1.json \
-  --out $AB/chunk-v2-sq-gptq-paired.json
+  results/fp/shift/microvla-chunk-shift2-seed1.json $E-seed1.json $R/chunk-w4a4-smoothquant-seed1.json $E-seed1.json \
+  $R/chunk-w4a4-qvla-rot-gptq-lc-seed1.json $E-seed1.json \
+  $S/chunk-v2-w4a4/eval-chosen-seed1.json $E-seed1.json $S/chunk-v2-w4a4-smoothquant/eval-chosen-seed1.json $E-seed1.json \
+  --out $AB/chunk-v2-sq-gptq-seed1-paired.json
+OUT=$S/chunk-v2-w4a4-sq-gptq; mkdir -p $OUT
+for f in fp.json fp.jsonl; do [ -f $OUT/$f ] || cp $S/chunk-v2-w4a4/$f $OUT/$f; done  # checked again by qvla select
+.venv/bin/qvla select --policy microvla-chunk --candidates $CK $CK-seed1 $CK-calib30 --episodes-per-task 50 \
+  --seed 100 --workers 2 --out $OUT
+P=()
+for k in 0 1 2; do P+=($S/chunk-v2-w4a4/cand-$k.json $OUT/cand-$k.json $S/chunk-v2-w4a4-smoothquant/cand-$k.json $OUT/cand-$k.json); done
+.venv/bin/python bench/paired.py "${P[@]}" --out $OUT/vs-qvla-rot-and-smoothquant.json
+.venv/bin/qvla bench --policy $CK --out $AB/bench-chunk-v2-w4a4-qvla-sq-gptq+lc.json

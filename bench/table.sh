@@ -13,7 +13,9 @@ cd "$(dirname "$0")/.."
 P=$1; N=${2:-20}; FORM=${3:-action}; OUT=${4:-results/table/$P}; ROWS=${5:-all}
 Q=".venv/bin/qvla table --policy $P --calib $OUT/calib --form $FORM --episodes-per-task $N --workers 2 --out $OUT"
 mkdir -p "$OUT"
+source bench/lib.sh
 [ -f "$OUT/calib/manifest.json" ] || .venv/bin/qvla calibrate --policy "$P" --episodes 10 --out "$OUT/calib"
+regen_episodes "$OUT/calib"  # a checkout keeps the manifest and sensitivities, not the observations
 case $ROWS in
 core)
   $Q --settings W8A8 --methods qvla
