@@ -5,7 +5,7 @@
 #   -> OUT (default results/table/<policy>)/{table.md,sweep.png,...}
 # ROWS=all (default): every baseline and every QVLA variant, then the sweep.
 # ROWS=core: what the comparison needs, QVLA's rows first: QVLA at W8A8, qvla-gptq+lc at W4A16 and W3A16,
-#   qvla-rot-gptq+lc at W4A4, then RTN / SmoothQuant at all three settings, AWQ / GPTQ / OmniQuant at W4A16
+#   qvla-rot-gptq+lc and qvla-sq-gptq+lc at W4A4, then RTN / SmoothQuant at all three settings, AWQ / GPTQ / OmniQuant at W4A16
 #   and OmniQuant at W4A4, then OmniQuant block by block at W4A16 and W4A4 (no variants, no sweep).
 # Rerunning resumes: finished rows are kept, rows made from other policy weights are refused.
 set -euo pipefail
@@ -20,7 +20,7 @@ case $ROWS in
 core)
   $Q --settings W8A8 --methods qvla
   $Q --settings W4A16,W3A16 --methods qvla-gptq+lc
-  $Q --settings W4A4 --methods qvla-rot-gptq+lc
+  $Q --settings W4A4 --methods qvla-rot-gptq+lc,qvla-sq-gptq+lc
   $Q --settings W8A8,W4A16,W4A4 --methods rtn,smoothquant
   $Q --settings W4A16 --methods awq,gptq,omniquant
   $Q --settings W4A4 --methods omniquant
@@ -42,5 +42,5 @@ $Q --settings W4A4 --methods qvla-rot-gptq+ac
 $Q --settings W3A16 --methods qvla-gptq
 $Q --settings W8A8 --methods qvla-gptq,qvla-rot-gptq
 $Q --settings W4A16,W3A16,W2.5A16,W2A16 --methods qvla-gptq+lc
-$Q --settings W4A4 --methods qvla-rot-gptq+lc
+$Q --settings W4A4 --methods qvla-rot-gptq+lc,qvla-sq-gptq+lc
 .venv/bin/python bench/sweep.py --policy "$P" --calib "$OUT/calib" --form "$FORM" --episodes-per-task "$N" --baselines rtn --out "$OUT"
