@@ -17,8 +17,9 @@ from qvla.policies import POLICIES
 
 # The compact results table: (settings, methods) groups, each run as one `qvla table` into the same directory.
 # QVLA at W8A8 and W4A16 is the demo's main result; W4A4 shows where activation outliers hurt the baselines,
-# against QVLA's best W4A4 form on both policies (rotated sensitivities, GPTQ rounding at the planned bits).
-COMPACT = [(["W8A8", "W4A16"], ["rtn", "qvla"]), (["W4A4"], ["rtn", "smoothquant", "qvla-rot-gptq"])]
+# against QVLA's best W4A4 form on both policies (sensitivities measured on SmoothQuant-smoothed layers, GPTQ
+# rounding at the planned bits; no run-time rotation).
+COMPACT = [(["W8A8", "W4A16"], ["rtn", "qvla"]), (["W4A4"], ["rtn", "smoothquant", "qvla-sq-gptq"])]
 DEMO_POLICY = "microvla-chunk"
 
 
