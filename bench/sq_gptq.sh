@@ -2,12 +2,16 @@
 # qvla-sq-gptq+lc (SmoothQuant's migration as the measured transform, GPTQ at the planned bits, layer-calibrated
 # sensitivities) at W4A4 on the chunk policy, made from each of the three calibration sets QVLA's closed-loop
 # selection uses:
-#  1. each plan on the table's 200 evaluation episodes, paired with FP and the table's W4A4 rows;
+#  1. each plan on the table's 200 evaluation episodes, paired with FP and the table's W4A4 rows (rotated QVLA,
+#     SmoothQuant, OmniQuant);
 #  2. the table-calibration plan on the 200 seed-1 episodes, paired with FP, SmoothQuant's table plan and the
 #     selected QVLA / SmoothQuant checkpoints there;
 #  3. the three on the 500 selection episodes (qvla select, FP run reused from QVLA's selection), paired with
-#     QVLA's and SmoothQuant's candidates there; and qvla bench of the table-calibration plan.
+#     QVLA's and SmoothQuant's candidates there (needs bench/closed_loop_selection.sh w4a4 and
+#     bench/baseline_selection.sh w4a4-smoothquant first); over all 900 episodes against SmoothQuant; and
+#     qvla bench of the smoothed and the rotated table-calibration plans.
 # Usage: bench/sq_gptq.sh  -> results/ablation/chunk-v2-w4a4-qvla-sq-gptq+lc*.json, chunk-v2-sq-gptq*-paired.json,
+#   chunk-v2-sq-gptq-vs-smoothquant{,-chosen}-900.json, bench-chunk-v2-w4a4-qvla-{sq,rot}-gptq+lc.json,
 #   results/selection/chunk-v2-w4a4-sq-gptq/
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,4 +45,16 @@ for f in fp.json fp.jsonl; do [ -f $OUT/$f ] || cp $S/chunk-v2-w4a4/$f $OUT/$f; 
 P=()
 for k in 0 1 2; do P+=($S/chunk-v2-w4a4/cand-$k.json $OUT/cand-$k.json $S/chunk-v2-w4a4-smoothquant/cand-$k.json $OUT/cand-$k.json); done
 .venv/bin/python bench/paired.py "${P[@]}" --out $OUT/vs-qvla-rot-and-smoothquant.json
+# the table-calibration plan against SmoothQuant's table plan and its selected checkpoint over all 900 episodes
+FPS="$T/fp.json results/fp/shift/microvla-chunk-shift2-seed1.json $S/chunk-v2-w4a4/fp.json"
+.venv/bin/python bench/selected_vs_selected.py --fp $FPS --qvla $E.json $E-seed1.json $OUT/cand-0.json \
+  --baseline $T/eval-w4a4-smoothquant.json $R/chunk-w4a4-smoothquant-seed1.json $S/chunk-v2-w4a4-smoothquant/cand-0.json \
+  --out $AB/chunk-v2-sq-gptq-vs-smoothquant-900.json
+.venv/bin/python bench/selected_vs_selected.py --fp $FPS --qvla $E.json $E-seed1.json $OUT/cand-0.json \
+  --baseline $S/chunk-v2-w4a4-smoothquant/eval-chosen.json $S/chunk-v2-w4a4-smoothquant/eval-chosen-seed1.json \
+  $S/chunk-v2-w4a4-smoothquant/cand-2.json --out $AB/chunk-v2-sq-gptq-vs-smoothquant-chosen-900.json
+# speed: the smoothed and the rotated table-calibration plans benched one after the other on this CPU
+ROT=runs/chunk-v2-w4a4-qvla-rot-gptq-lc
+build_once $ROT --policy microvla-chunk --form action --w-bits 4 --a-bits 4 --method qvla-rot-gptq+lc --calib $T/calib
 .venv/bin/qvla bench --policy $CK --out $AB/bench-chunk-v2-w4a4-qvla-sq-gptq+lc.json
+.venv/bin/qvla bench --policy $ROT --out $AB/bench-chunk-v2-w4a4-qvla-rot-gptq+lc.json
