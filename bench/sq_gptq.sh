@@ -12,6 +12,7 @@
 #     qvla bench of the smoothed and the rotated table-calibration plans.
 # Usage: bench/sq_gptq.sh  -> results/ablation/chunk-v2-w4a4-qvla-sq-gptq+lc*.json, chunk-v2-sq-gptq*-paired.json,
 #   chunk-v2-sq-gptq-vs-smoothquant{,-chosen}-900.json, bench-chunk-v2-w4a4-qvla-{sq,rot}-gptq+lc.json,
+#   results/kernels/chunk-v2-w4a4-qvla-sq-gptq+lc-{simulated,real-vs-simulated}.json,
 #   results/selection/chunk-v2-w4a4-sq-gptq/
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,3 +59,7 @@ ROT=runs/chunk-v2-w4a4-qvla-rot-gptq-lc
 build_once $ROT --policy microvla-chunk --form action --w-bits 4 --a-bits 4 --method qvla-rot-gptq+lc --calib $T/calib
 .venv/bin/qvla bench --policy $CK --out $AB/bench-chunk-v2-w4a4-qvla-sq-gptq+lc.json
 .venv/bin/qvla bench --policy $ROT --out $AB/bench-chunk-v2-w4a4-qvla-rot-gptq+lc.json
+# the same checkpoint on the fake-quant path, paired with its real-kernel run on the table's episodes
+K=results/kernels/chunk-v2-w4a4-qvla-sq-gptq+lc
+eval_once $CK $K-simulated.json --kernels simulated
+.venv/bin/python bench/paired.py $E.json $K-simulated.json --out $K-real-vs-simulated.json
