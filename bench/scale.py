@@ -11,7 +11,9 @@ decoder prefill of 256 image + 20 prompt tokens, then 7 single-token decode step
 each ending in the LM head. Forms compared: fp32, bf16, uniform W8A8 and W4A16 (RTN), and QVLA plans
 at average budgets 8 and 4 allocated by the global greedy from random per-channel sensitivities
 (lognormal channel importance times the 2^-b error of each width; pruning costs most).
-The budget-4 plan also runs at W4A8 and W4A4 (`qvla-4-a8`, `qvla-4-a4`) and not only at W4A16.
+The budget-4 plan also runs at W4A8 and W4A4 (`qvla-4-a8`, `qvla-4-a4`) and not only at W4A16, and at W4A4 with
+the input transform of each W4A4 method: qvla-sq-gptq's per-channel scales (`qvla-4-a4-smooth`) and qvla-rot-gptq's
+block-Hadamard rotation (`qvla-4-a4-rot`).
 
     python bench/scale.py --out results/scale/cpu.json        # ~15 min on 2 cores
 """
@@ -35,6 +37,7 @@ from qvla.bench import device_info
 from qvla.quant import allocate
 from qvla.quant.apply import QuantLinear
 from qvla.quant.packed import PackedLinear, bucket_order
+from qvla.quant.rotation import random_signs
 from qvla.quant.storage import permute_inputs
 
 PREFILL, DECODE_STEPS, PROMPT = 256 + 20, 7, 20
@@ -92,14 +95,16 @@ def uniform(bits: int):
 
 
 def quantized(kind: str, linears: dict[str, nn.Linear], bits: dict[str, torch.Tensor], a_bits: int,
-              fold: bool) -> dict[str, PackedLinear]:
+              fold: bool, transform=None) -> dict[str, PackedLinear]:
     """Packed layers of one block; with fold, each GELU MLP's producer emits its channels by bucket and the
-    consumer's input columns are permuted to match (as qvla.load does for a policy's fold_pairs)."""
+    consumer's input columns are permuted to match (as qvla.load does for a policy's fold_pairs).
+    transform: (fan-in, seed) -> the input transform every layer runs."""
     producers = dict(FOLDS.get(kind, [])) if fold else {}
     consumers = {c: p for p, c in producers.items()}
     out = {}
-    for name, lin in linears.items():
-        storage = QuantLinear.from_linear(lin, bits[name], a_bits).storage()
+    for i, (name, lin) in enumerate(linears.items()):
+        t = transform(lin.weight.shape[1], i) if transform else None
+        storage = QuantLinear.from_linear(lin, bits[name], a_bits, t).storage()
         if name in consumers:
             storage = permute_inputs(storage, bucket_order(bits[consumers[name]]))
         out[name] = PackedLinear(storage, lin.weight.shape, None, a_bits, folded=name in producers)
@@ -175,6 +180,13 @@ FORMS = {  # name -> (bits for (kind, name, n) or a plan budget, activation bits
     "qvla-4-a4": ((4.0, False), 4, torch.float32),  # ... and at 4 bits: the published W4A4 setting
     "qvla-4-held": ((4.0, True), 16, torch.float32),  # 2-bit rows counted as 4 (torch int4 fallback)
     "qvla-4-scatter": ((4.0, False), 16, torch.float32),  # qvla-4 with the permutation undone by index copy
+    "qvla-4-a4-smooth": ((4.0, False), 4, torch.float32),  # W4A4 with qvla-sq-gptq's per-input-channel scales
+    "qvla-4-a4-rot": ((4.0, False), 4, torch.float32),  # W4A4 with qvla-rot-gptq's randomized block-Hadamard
+}
+# the input transform a form's layers run (as the checkpoint stores it): (fan-in, seed) -> transform
+TRANSFORMS = {
+    "qvla-4-a4-smooth": lambda k, seed: {"in_scale": torch.rand(k, generator=torch.Generator().manual_seed(seed)) + 0.5},
+    "qvla-4-a4-rot": lambda k, seed: {"in_signs": random_signs(k, seed)},
 }
 
 
@@ -192,7 +204,9 @@ def build(kind: str, form: str, plans: dict) -> tuple[Block, int]:
             bits[name] = torch.full((lin.weight.shape[0],), 8, dtype=torch.long)
         else:
             bits[name] = plan[(kind, name)] if plan is not None else bits_of(kind, name, lin.weight.shape[0])
-    swapped = quantized(kind, linears, bits, a_bits, fold=not form.endswith("-scatter"))
+    # a rotated layer's input columns cannot take a bucket permutation (the loader never folds into one)
+    fold = not form.endswith("-scatter") and not form.endswith("-rot")
+    swapped = quantized(kind, linears, bits, a_bits, fold, TRANSFORMS.get(form))
     return Block(kind, swapped), sum(m.weight_nbytes for m in swapped.values())
 
 
