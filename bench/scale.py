@@ -99,15 +99,17 @@ def quantized(kind: str, linears: dict[str, nn.Linear], bits: dict[str, torch.Te
     """Packed layers of one block; with fold, each GELU MLP's producer emits its channels by bucket and the
     consumer's input columns are permuted to match (as qvla.load does for a policy's fold_pairs).
     transform: (fan-in, seed) -> the input transform every layer runs."""
-    producers = dict(FOLDS.get(kind, [])) if fold else {}
+    storages = {name: QuantLinear.from_linear(lin, bits[name], a_bits,
+                                              transform(lin.weight.shape[1], i) if transform else None).storage()
+                for i, (name, lin) in enumerate(linears.items())}
+    # a rotated layer mixes all of its inputs: it cannot take them permuted (the pairs qvla.load drops too)
+    producers = {p: c for p, c in FOLDS.get(kind, []) if "in_signs" not in storages[c]} if fold else {}
     consumers = {c: p for p, c in producers.items()}
     out = {}
-    for i, (name, lin) in enumerate(linears.items()):
-        t = transform(lin.weight.shape[1], i) if transform else None
-        storage = QuantLinear.from_linear(lin, bits[name], a_bits, t).storage()
+    for name, storage in storages.items():
         if name in consumers:
             storage = permute_inputs(storage, bucket_order(bits[consumers[name]]))
-        out[name] = PackedLinear(storage, lin.weight.shape, None, a_bits, folded=name in producers)
+        out[name] = PackedLinear(storage, linears[name].weight.shape, None, a_bits, folded=name in producers)
     return out
 
 
@@ -204,9 +206,7 @@ def build(kind: str, form: str, plans: dict) -> tuple[Block, int]:
             bits[name] = torch.full((lin.weight.shape[0],), 8, dtype=torch.long)
         else:
             bits[name] = plan[(kind, name)] if plan is not None else bits_of(kind, name, lin.weight.shape[0])
-    # a rotated layer's input columns cannot take a bucket permutation (the loader never folds into one)
-    fold = not form.endswith("-scatter") and not form.endswith("-rot")
-    swapped = quantized(kind, linears, bits, a_bits, fold, TRANSFORMS.get(form))
+    swapped = quantized(kind, linears, bits, a_bits, not form.endswith("-scatter"), TRANSFORMS.get(form))
     return Block(kind, swapped), sum(m.weight_nbytes for m in swapped.values())
 
 
