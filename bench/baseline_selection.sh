@@ -48,10 +48,10 @@ for c in "${CANDS[@]}"; do
   build_once $ck $Q $how
   CKPTS+=($ck)
 done
-for f in fp.json fp.jsonl; do [ -f $OUT/$f ] || cp $QSEL/$f $OUT/$f; done  # checked again by qvla select
+reuse_fp $QSEL $OUT
 .venv/bin/qvla select --policy microvla-chunk --candidates "${CKPTS[@]}" --episodes-per-task $N --seed $SEED \
   --workers 2 --out $OUT
-CH=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen'])" $OUT/selection.json)
+CH=$(chosen $OUT)
 eval_once $CH $OUT/eval-chosen.json
 eval_once $CH $OUT/eval-chosen-seed1.json --seed 1
 # QVLA's chosen plan on the same two sets: its evaluation among its candidates' (found by its weights)

@@ -49,7 +49,7 @@ for b in smoothquant omniquant gptq; do [ -f $T/eval-$S-$b.json ] && BASE+=($T/e
   --out $OUT/vs-eval.json
 # the chosen checkpoint again on the seed-1 evaluation episodes, paired with FP and the rows measured there
 FP1=results/fp/shift/microvla-chunk-shift2-seed1.json
-CH=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen'])" $OUT/selection.json)
+CH=$(chosen $OUT)
 eval_once $CH $OUT/eval-chosen-seed1.json --seed 1
 PAIRS=($FP1 $OUT/eval-chosen-seed1.json)
 for b in smoothquant $M-lc; do

@@ -32,3 +32,15 @@ sys.exit(0 if ids(sys.argv[1]) == ids(sys.argv[2]) else f'{sys.argv[2]}: regener
     mv $tmp/calib/episodes $d/episodes && rm -rf $tmp
   done
 }
+
+# reuse_fp FROM TO: TO's FP run is FROM's (fp.json and its .jsonl), unless TO has one; qvla select and qvla table
+# check it again (same weights, same episodes) before using it
+reuse_fp() {
+  mkdir -p $2
+  for f in fp.json fp.jsonl; do [ -f $2/$f ] || cp $1/$f $2/$f; done
+}
+
+# chosen DIR: the checkpoint qvla select chose into DIR
+chosen() {
+  .venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen'])" $1/selection.json
+}

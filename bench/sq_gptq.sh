@@ -39,8 +39,8 @@ done
   $R/chunk-w4a4-qvla-rot-gptq-lc-seed1.json $E-seed1.json \
   $S/chunk-v2-w4a4/eval-chosen-seed1.json $E-seed1.json $S/chunk-v2-w4a4-smoothquant/eval-chosen-seed1.json $E-seed1.json \
   --out $AB/chunk-v2-sq-gptq-seed1-paired.json
-OUT=$S/chunk-v2-w4a4-sq-gptq; mkdir -p $OUT
-for f in fp.json fp.jsonl; do [ -f $OUT/$f ] || cp $S/chunk-v2-w4a4/$f $OUT/$f; done  # checked again by qvla select
+OUT=$S/chunk-v2-w4a4-sq-gptq
+reuse_fp $S/chunk-v2-w4a4 $OUT
 .venv/bin/qvla select --policy microvla-chunk --candidates $CK $CK-seed1 $CK-calib30 --episodes-per-task 50 \
   --seed 100 --workers 2 --out $OUT
 P=()

@@ -15,11 +15,10 @@ for a in 0.3 0.5 0.65 0.8; do
   build_once $ck $Q --alpha $a
   CKPTS+=($ck)
 done
-mkdir -p $OUT
-for f in fp.json fp.jsonl; do [ -f $OUT/$f ] || cp $S/chunk-v2-w4a4/$f $OUT/$f; done
+reuse_fp $S/chunk-v2-w4a4 $OUT
 # alpha 0.5's selection-episode run is reused from bench/sq_gptq.sh's selection (the same weights and episodes)
 [ -f $OUT/cand-1.json ] || { cp $S/chunk-v2-w4a4-sq-gptq/cand-0.json $OUT/cand-1.json; cp $S/chunk-v2-w4a4-sq-gptq/cand-0.jsonl $OUT/cand-1.jsonl; }
 .venv/bin/qvla select --policy microvla-chunk --candidates "${CKPTS[@]}" --episodes-per-task 50 --seed 100 --workers 2 --out $OUT
-CH=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen'])" $OUT/selection.json)
+CH=$(chosen $OUT)
 eval_once $CH $OUT/eval-chosen.json
 eval_once $CH $OUT/eval-chosen-seed1.json --seed 1

@@ -9,7 +9,7 @@ mkdir -p $O
 [ -f $O/calib/manifest.json ] || .venv/bin/qvla calibrate --policy microvla-token --episodes 10 --seed 1 --out $O/calib
 source bench/lib.sh
 regen_episodes $O/calib
-for f in fp.json fp.jsonl; do [ -f $O/$f ] || cp $T/$f $O/$f; done  # checked by qvla table: same weights, same episodes
+reuse_fp $T $O
 .venv/bin/qvla table --policy microvla-token --calib $O/calib --form logits --episodes-per-task 20 --workers 2 --out $O \
   --settings W4A4 --methods qvla-sq-gptq+lc,qvla-rot-gptq+lc,smoothquant
 P=()
