@@ -16,6 +16,8 @@ the input transform of each W4A4 method: qvla-sq-gptq's per-channel scales (`qvl
 block-Hadamard rotation (`qvla-4-a4-rot`).
 
     python bench/scale.py --out results/scale/cpu.json        # ~15 min on 2 cores
+    python bench/scale.py --interleave --runs 9 --forms bf16,w8a8,w4a16,qvla-4,qvla-4-a4 --out FILE.json
+                                                              # forms timed round by round, per-round ratios
 """
 from __future__ import annotations
 
@@ -230,27 +232,59 @@ def median_ms(fn, runs: int) -> float:
     return statistics.median(timed(fn) for _ in range(runs))
 
 
-@torch.no_grad()
-def time_kind(kind: str, block: Block, dtype, runs: int) -> dict[str, float]:
+def cases(kind: str, block: Block, dtype) -> dict[str, tuple]:
+    """What is timed of one block: {case: (fn, calls per run)}. Decode steps are short, so each run takes
+    three of them (their median)."""
     if kind in ("dino", "siglip"):
         x = torch.randn(1, 256, block_dim(kind), dtype=dtype)
-        return {"prefill": median_ms(lambda: block(x), runs)}
+        return {"prefill": (lambda: block(x), 1)}
     d_in = next(iter(SHAPES[kind].values()))[1]
-    if kind == "projector":
-        x = torch.randn(1, 256, d_in, dtype=dtype)
-        return {"prefill": median_ms(lambda: block(x), runs)}
-    if kind == "action_head":
-        x = torch.randn(1, 56, d_in, dtype=dtype)
-        return {"prefill": median_ms(lambda: block(x), runs)}
+    if kind in ("projector", "action_head"):
+        x = torch.randn(1, 256 if kind == "projector" else 56, d_in, dtype=dtype)
+        return {"prefill": (lambda: block(x), 1)}
     if kind == "lm_head":
         x = torch.randn(1, 1, d_in, dtype=dtype)
-        return {"decode": median_ms(lambda: block(x), runs)}
+        return {"decode": (lambda: block(x), 1)}
     x = torch.randn(1, PREFILL, d_in, dtype=dtype)
-    prefill = median_ms(lambda: block(x, KVCache()), runs)
     cache = KVCache()
     block(x, cache)
     one = torch.randn(1, 1, d_in, dtype=dtype)
-    return {"prefill": prefill, "decode": median_ms(lambda: block(one, cache.fork()), runs * 3)}
+    return {"prefill": (lambda: block(x, KVCache()), 1), "decode": (lambda: block(one, cache.fork()), 3)}
+
+
+@torch.no_grad()
+def time_kind(kind: str, block: Block, dtype, runs: int) -> dict[str, float]:
+    return {case: median_ms(fn, runs * calls) for case, (fn, calls) in cases(kind, block, dtype).items()}
+
+
+@torch.no_grad()
+def time_interleaved(kind: str, blocks: dict[str, tuple[Block, torch.dtype]], rounds: int,
+                     probe) -> tuple[list[dict[str, dict[str, float]]], list[float]]:
+    """Every round times each form once (in an order that turns every round), so a drift of the machine
+    hits all forms alike, and the memory read probe once. -> ([{form: {case: ms}} per round], [GB/s])."""
+    timers = {form: cases(kind, block, dtype) for form, (block, dtype) in blocks.items()}
+    for ts in timers.values():
+        for fn, _ in ts.values():
+            fn()  # warm-up
+    forms, out, read = list(blocks), [], []
+    for r in range(rounds):
+        this = {}
+        for form in forms[r % len(forms):] + forms[:r % len(forms)]:
+            this[form] = {case: statistics.median(timed(fn) for _ in range(calls))
+                          for case, (fn, calls) in timers[form].items()}
+        read.append(probe())
+        out.append(this)
+    return out, read
+
+
+def read_probe(mb: int = 512):
+    """A plain read of `mb` MB (an fp32 sum, both threads): the memory bandwidth the machine gives this process
+    now, against which a decode step, a stream of weights, is measured. -> fn() -> GB/s."""
+    buf = torch.rand(mb * 2**20 // 4)
+
+    def probe() -> float:
+        return buf.numel() * 4 / 1e9 / (timed(buf.sum) / 1e3)
+    return probe
 
 
 def block_dim(kind: str) -> int:
@@ -267,12 +301,67 @@ def control_step(t: dict[str, dict[str, float]]) -> dict[str, float]:
             + t["action_head"]["prefill"]}
 
 
+def form_result(form: str, per_layer: dict, nbytes: dict) -> dict:
+    full = sum(LAYERS[k] * nbytes[k] for k in SHAPES) + EMBED_PARAMS * (4 if form == "fp32" else 2)
+    return {"per_layer_ms": per_layer, "per_layer_bytes": nbytes, "model_bytes": full,
+            "control_step_ms": control_step(per_layer)}
+
+
+def interleaved(forms: list[str], plans: dict, rounds: int, result: dict) -> None:
+    """--interleave: per layer kind, every form's block is built and the forms are timed round by round.
+    Adds each form's per-round control steps and their ratios to bf16's in the same rounds (the spread a
+    ratio has on this machine), and the decode step's weight read rate against the read probe's."""
+    probe = read_probe()
+    per_round = {form: [{} for _ in range(rounds)] for form in forms}
+    nbytes, reads = {form: {} for form in forms}, {}
+    for kind in SHAPES:
+        blocks = {}
+        for form in forms:
+            block, nbytes[form][kind] = build(kind, form, plans)
+            blocks[form] = (block, FORMS[form][2])
+        times, reads[kind] = time_interleaved(kind, blocks, rounds, probe)
+        del blocks
+        for r, this in enumerate(times):
+            for form, t in this.items():
+                per_round[form][r][kind] = t
+        print(kind, {f: {c: round(statistics.median(tr[f][c] for tr in times), 2) for c in times[0][f]}
+                     for f in forms}, f"read {statistics.median(reads[kind]):.1f} GB/s", file=sys.stderr, flush=True)
+    result["read_probe_gbs"] = {kind: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+                                for kind, v in reads.items()}
+    read = statistics.median(reads["decoder"])
+    for form in forms:
+        per_layer = {kind: {case: statistics.median(rd[kind][case] for rd in per_round[form])
+                            for case in per_round[form][0][kind]} for kind in SHAPES}
+        r = result["forms"][form] = form_result(form, per_layer, nbytes[form])
+        r["rounds_control_step_ms"] = [control_step(rd) for rd in per_round[form]]
+        gbs = nbytes[form]["decoder"] / 1e9 / (per_layer["decoder"]["decode"] / 1e3)
+        r["decoder_decode_read_gbs"] = {"gbs": gbs, "vs_read_probe": gbs / read}
+    result["interleaved"] = True
+    if "bf16" in forms:
+        ref = result["forms"]["bf16"]["rounds_control_step_ms"]
+        for form in forms:
+            r = result["forms"][form]
+            r["rounds_speedup_vs_bf16"] = spread(ref, r["rounds_control_step_ms"])
+            r["rounds_decoder_vs_bf16"] = spread([rd["decoder"] for rd in per_round["bf16"]],
+                                                 [rd["decoder"] for rd in per_round[form]])
+
+
+def spread(ref: list[dict[str, float]], ms: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Median, min and max over rounds of ref's time / ms, per key."""
+    ratios = [{k: b[k] / q[k] for k in q} for b, q in zip(ref, ms)]
+    return {k: {"median": statistics.median(x[k] for x in ratios), "min": min(x[k] for x in ratios),
+                "max": max(x[k] for x in ratios)} for k in ratios[0]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--forms", default=",".join(FORMS))
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the forms round by round (--runs rounds), each layer kind's blocks built side by "
+                         "side, with a memory read probe per round; per-round ratios to bf16 in the output")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     allocator.keep_freed_memory()  # freed activations are reused, for every form timed here (qvla.allocator)
@@ -285,16 +374,17 @@ def main(argv=None) -> int:
         allb = torch.cat(list(plan.values()))
         result[f"plan_{b:g}{'_held' if held else ''}_channels_by_bits"] = {
             int(k): int((allb == k).sum()) for k in (16, 8, 4, 2, 0)}
-    for form in forms:
-        per_layer, nbytes = {}, {}
-        for kind in SHAPES:
-            block, nbytes[kind] = build(kind, form, plans)
-            per_layer[kind] = time_kind(kind, block, FORMS[form][2], a.runs)
-            del block
-            print(form, kind, {k: round(v, 2) for k, v in per_layer[kind].items()}, file=sys.stderr, flush=True)
-        full = sum(LAYERS[k] * nbytes[k] for k in SHAPES) + EMBED_PARAMS * (4 if form == "fp32" else 2)
-        result["forms"][form] = {"per_layer_ms": per_layer, "per_layer_bytes": nbytes, "model_bytes": full,
-                                 "control_step_ms": control_step(per_layer)}
+    if a.interleave:
+        interleaved(forms, plans, a.runs, result)
+    else:
+        for form in forms:
+            per_layer, nbytes = {}, {}
+            for kind in SHAPES:
+                block, nbytes[kind] = build(kind, form, plans)
+                per_layer[kind] = time_kind(kind, block, FORMS[form][2], a.runs)
+                del block
+                print(form, kind, {k: round(v, 2) for k, v in per_layer[kind].items()}, file=sys.stderr, flush=True)
+            result["forms"][form] = form_result(form, per_layer, nbytes)
     ref = result["forms"].get("bf16")
     for form, r in result["forms"].items():
         if ref:
