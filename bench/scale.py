@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 
 from qvla import allocator
 from qvla.bench import device_info
+from qvla.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
 from qvla.quant import allocate
 from qvla.quant.apply import QuantLinear
 from qvla.quant.packed import PackedLinear, bucket_order
@@ -97,10 +100,11 @@ def uniform(bits: int):
 
 
 def quantized(kind: str, linears: dict[str, nn.Linear], bits: dict[str, torch.Tensor], a_bits: int,
-              fold: bool, transform=None) -> dict[str, PackedLinear]:
+              fold: bool, transform=None, tensors: dict | None = None) -> dict[str, PackedLinear]:
     """Packed layers of one block; with fold, each GELU MLP's producer emits its channels by bucket and the
     consumer's input columns are permuted to match (as qvla.load does for a policy's fold_pairs).
-    transform: (fan-in, seed) -> the input transform every layer runs."""
+    transform: (fan-in, seed) -> the input transform every layer runs. tensors: filled with the packed
+    storage a checkpoint of the block writes."""
     storages = {name: QuantLinear.from_linear(lin, bits[name], a_bits,
                                               transform(lin.weight.shape[1], i) if transform else None).storage()
                 for i, (name, lin) in enumerate(linears.items())}
@@ -111,6 +115,8 @@ def quantized(kind: str, linears: dict[str, nn.Linear], bits: dict[str, torch.Te
     for name, storage in storages.items():
         if name in consumers:
             storage = permute_inputs(storage, bucket_order(bits[consumers[name]]))
+        if tensors is not None:
+            tensors.update({f"{name}.{key}": t for key, t in storage.items()})
         out[name] = PackedLinear(storage, linears[name].weight.shape, None, a_bits, folded=name in producers)
     return out
 
@@ -194,12 +200,14 @@ TRANSFORMS = {
 }
 
 
-def build(kind: str, form: str, plans: dict) -> tuple[Block, int]:
-    """-> (block, bytes of weights it holds)."""
+def build(kind: str, form: str, plans: dict, tensors: dict | None = None) -> tuple[Block, int]:
+    """-> (block, bytes of weights it holds); tensors: filled with what a checkpoint of the block writes."""
     bits_of, a_bits, dtype = FORMS[form]
     linears = make_linears(kind, seed=hash(kind) % 1000)
     if bits_of is None:
         block = Block(kind, linears).to(dtype)
+        if tensors is not None:
+            tensors.update({f"{name}.weight": lin.weight.detach() for name, lin in block.lin.items()})
         return block, sum(m.weight.numel() for m in linears.values()) * (2 if dtype == torch.bfloat16 else 4)
     plan = plans[bits_of] if isinstance(bits_of, tuple) else None
     bits = {}
@@ -208,7 +216,7 @@ def build(kind: str, form: str, plans: dict) -> tuple[Block, int]:
             bits[name] = torch.full((lin.weight.shape[0],), 8, dtype=torch.long)
         else:
             bits[name] = plan[(kind, name)] if plan is not None else bits_of(kind, name, lin.weight.shape[0])
-    swapped = quantized(kind, linears, bits, a_bits, not form.endswith("-scatter"), TRANSFORMS.get(form))
+    swapped = quantized(kind, linears, bits, a_bits, not form.endswith("-scatter"), TRANSFORMS.get(form), tensors)
     return Block(kind, swapped), sum(m.weight_nbytes for m in swapped.values())
 
 
@@ -353,6 +361,29 @@ def spread(ref: list[dict[str, float]], ms: list[dict[str, float]]) -> dict[str,
                 "max": max(x[k] for x in ratios)} for k in ratios[0]}
 
 
+def disk_sizes(forms: list[str], plans: dict, result: dict) -> None:
+    """--disk: every form's layers written as qvla checkpoints (safetensors + config with checksums), one per
+    layer kind, read back with their checksums checked; the weight file's bytes, extrapolated by layer counts
+    as the memory is (the embedding at 16 bits, fp32 in the fp32 form)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for form in forms:
+            per_kind = {}
+            for kind in SHAPES:
+                tensors = {}
+                build(kind, form, plans, tensors)
+                out = save_checkpoint(Path(tmp) / f"{form}-{kind}", {"form": form, "kind": kind}, tensors)
+                _, back = load_checkpoint(out)
+                if back.keys() != tensors.keys() or any(not torch.equal(back[k], t) for k, t in tensors.items()):
+                    raise RuntimeError(f"{form} {kind}: the checkpoint read back differs from what was written")
+                per_kind[kind] = (out / WEIGHTS).stat().st_size
+                shutil.rmtree(out)
+            r = result["forms"][form]
+            r["per_layer_disk_bytes"] = per_kind
+            r["model_disk_bytes"] = (sum(LAYERS[k] * per_kind[k] for k in SHAPES)
+                                     + EMBED_PARAMS * (4 if form == "fp32" else 2))
+            print(form, "on disk", f"{r['model_disk_bytes'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -362,6 +393,8 @@ def main(argv=None) -> int:
     ap.add_argument("--interleave", action="store_true",
                     help="time the forms round by round (--runs rounds), each layer kind's blocks built side by "
                          "side, with a memory read probe per round; per-round ratios to bf16 in the output")
+    ap.add_argument("--disk", action="store_true",
+                    help="also write each form's layers as qvla checkpoints and report the bytes on disk")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     allocator.keep_freed_memory()  # freed activations are reused, for every form timed here (qvla.allocator)
@@ -385,10 +418,14 @@ def main(argv=None) -> int:
                 del block
                 print(form, kind, {k: round(v, 2) for k, v in per_layer[kind].items()}, file=sys.stderr, flush=True)
             result["forms"][form] = form_result(form, per_layer, nbytes)
+    if a.disk:
+        disk_sizes(forms, plans, result)
     ref = result["forms"].get("bf16")
     for form, r in result["forms"].items():
         if ref:
             r["memory_vs_bf16"] = r["model_bytes"] / ref["model_bytes"]
+            if a.disk:
+                r["disk_vs_bf16"] = r["model_disk_bytes"] / ref["model_disk_bytes"]
             r["speedup_vs_bf16"] = {k: ref["control_step_ms"][k] / v for k, v in r["control_step_ms"].items()}
         if "fp32" in result["forms"]:
             f32 = result["forms"]["fp32"]["control_step_ms"]
