@@ -1,0 +1,24 @@
+"""bench/gpu_scale.py's kernels, on this CPU: every form of a 7B-shaped layer kind gives its dequantized weights'
+output (bf16 inputs; A8 rounding for W8A8), a folded pair included, and holds the bytes its format says."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+import gpu_scale  # noqa: E402
+
+
+@pytest.mark.parametrize("form", ["w8a8", "w4a16", "qvla-4-held"])
+def test_projector_forms_match_dequantized_weights(form):
+    plans = {gpu_scale.FORMS[form][0]: gpu_scale.random_plan(*gpu_scale.FORMS[form][0])} \
+        if isinstance(gpu_scale.FORMS[form][0], tuple) else {}
+    block, nbytes, err = gpu_scale.build("projector", form, plans, torch.device("cpu"))
+    assert set(err) == {"fc1", "fc2", "fc3", "fc1->fc2", "fc2->fc3"}
+    assert max(err.values()) < gpu_scale.TOLERANCE, err
+    params = sum(n * k for n, k in gpu_scale.SHAPES["projector"].values())
+    bits = {"w8a8": 8, "w4a16": 4, "qvla-4-held": 4}[form]
+    assert params * bits / 8 <= nbytes < params * bits / 8 * 1.1 + 1e6  # packed codes + scales, nothing else
+    y = block(torch.randn(1, 8, 2176, dtype=torch.bfloat16))
+    assert y.shape == (1, 8, 4096) and torch.isfinite(y.float()).all()
