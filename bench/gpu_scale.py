@@ -6,7 +6,7 @@ control step) on torch's own CUDA quantized kernels, the ones torchao's configs 
 | 16 bits          | cuBLAS bf16 GEMM                                                   | bf16               |
 | 8 bits, A16      | torch._weight_int8pack_mm (int8 weight-only)                       | int8 + scale       |
 | 8 bits, A8       | torch._int_mm (cuBLASLt int8 x int8 -> int32), per-token int8 input | int8 + scale       |
-| 4 and 2 bits     | tinygemm, torch._weight_int4pack_mm (bf16 input; 2-bit rows held as 4-bit codes) | 4 bits + bf16 scale/zero per 128 |
+| 4 and 2 bits     | tinygemm, torch._weight_int4pack_mm (bf16 input; 2-bit rows held as 4-bit codes) | 4 bits + bf16 scale/zero per 256 (or 128) |
 
 No int4 x int4 or 2-bit tensor-core kernel exists on Hopper, so the budget-4 plan runs at A16 (`qvla-4-held`: the
 plan allocated with 2-bit rows counted as the 4 bits they hold, scale.py's held plan). Every form is first checked
@@ -37,8 +37,19 @@ from qvla.quant.apply import QuantLinear  # noqa: E402
 from qvla.quant.packed import BUCKET_ORDER, bucket_order  # noqa: E402
 from qvla.quant.storage import bucket_codes, dequantize_storage, permute_inputs  # noqa: E402
 
-GROUP = 128  # tinygemm's group; K is padded to a multiple of it
-TOLERANCE = 0.03  # relative output error against the dequantized float32 weights (bf16 inputs: ~4e-3)
+# tinygemm's group: 256 where the input width allows, else 128 (K is padded to a multiple of 128). Its bf16 scale
+# and zero per group cost 32 bits: 0.125 bits a weight at 256, 0.25 at 128 (which alone would put the budget-4
+# stack above 0.28x bf16's weights)
+GROUPS = (256, 128)
+TOLERANCE = 0.03  # relative output error against the dequantized float32 weights (bf16 inputs: ~3e-3, A8 ~9e-3)
+# a folded pair (two layers and the GELU between them; at A8 the GELU's output is rounded too): a wrong permutation
+# gives an error of order 1
+PAIR_TOLERANCE = 0.1
+
+
+def off(err: dict[str, float]) -> dict[str, float]:
+    """The checks of build() that fail their tolerance."""
+    return {k: v for k, v in err.items() if v > (PAIR_TOLERANCE if "->" in k else TOLERANCE)}
 
 
 def _pad(t: torch.Tensor, rows: int, cols: int, value=0) -> torch.Tensor:
@@ -57,22 +68,23 @@ INT4_OPS = {  # device type -> (pack (n, k) codes in [0, 15], mm)
 
 
 class Int4Rows:
-    """tinygemm: w = (q - 8) * scale + zero per group of 128 inputs; each row's own scale and zero point are
-    written to every group (the plan's quantizer is per channel). Rows padded to 16, inputs to 128."""
+    """tinygemm: w = (q - 8) * scale + zero per group of inputs (GROUPS); each row's own scale and zero point
+    are written to every group (the plan's quantizer is per channel). Rows padded to 16, inputs to 128."""
 
     def __init__(self, codes, scale, zero, device) -> None:
         n, k = codes.shape
-        self.n, self.kp = n, _up(k, GROUP)
+        self.n, self.kp = n, _up(k, 128)
+        self.group = next(g for g in GROUPS if self.kp % g == 0)
         pack, self.mm = INT4_OPS[device.type]
         self.packed = pack(_pad(codes.long(), _up(n, 16), self.kp, 8).to(device))
         sz = torch.stack([scale.float(), (8 - zero.float()) * scale.float()], -1)
         sz = _pad(sz, _up(n, 16), 2)
-        self.sz = sz[None].expand(self.kp // GROUP, -1, -1).contiguous().to(device, torch.bfloat16)
+        self.sz = sz[None].expand(self.kp // self.group, -1, -1).contiguous().to(device, torch.bfloat16)
         self.nbytes = self.packed.numel() * self.packed.element_size() + self.sz.numel() * 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, self.kp - x.shape[1])) if x.shape[1] != self.kp else x
-        return self.mm(x, self.packed, GROUP, self.sz)[:, : self.n]
+        return self.mm(x, self.packed, self.group, self.sz)[:, : self.n]
 
 
 def int8_weight_only(device) -> bool:
@@ -295,18 +307,18 @@ def main(argv=None) -> int:
     forms, kinds = a.forms.split(","), a.kinds.split(",")
     plans = {FORMS[f][0]: random_plan(*FORMS[f][0]) for f in forms if isinstance(FORMS[f][0], tuple)}
     result = {"device": device_record(device), "layers": LAYERS, "prefill_tokens": PREFILL, "runs": a.runs,
-              "group": GROUP, "int8_weight_only": ("torch._weight_int8pack_mm" if int8_weight_only(device)
-                                                   else "rows widened to bf16 per call"), "forms": {f: {"per_layer_ms": {}, "per_layer_bytes": {}, "max_rel_error": {}}
-                                        for f in forms}}
+              "int4_groups": GROUPS, "tolerance": {"layer": TOLERANCE, "folded_pair": PAIR_TOLERANCE},
+              "int8_weight_only": ("torch._weight_int8pack_mm" if int8_weight_only(device)
+                                   else "rows widened to bf16 per call"),
+              "forms": {f: {"per_layer_ms": {}, "per_layer_bytes": {}, "rel_error": {}} for f in forms}}
     for kind in kinds:
         timers = {}
         for form in forms:
             block, nbytes, err = build(kind, form, plans, device)
-            worst = max(err.values(), default=0.0)
-            if worst > TOLERANCE:
-                raise RuntimeError(f"{form} {kind}: output off its dequantized weights by {worst:.3g} ({err})")
+            if off(err):
+                raise RuntimeError(f"{form} {kind}: output off its dequantized weights: {off(err)} (all: {err})")
             r = result["forms"][form]
-            r["per_layer_bytes"][kind], r["max_rel_error"][kind] = nbytes, worst
+            r["per_layer_bytes"][kind], r["rel_error"][kind] = nbytes, err
             timers[form] = {case: Timer(fn, device) for case, fn in cases(kind, block, device).items()}
         times = {form: {case: [] for case in ts} for form, ts in timers.items()}
         for r in range(a.runs):

@@ -342,6 +342,7 @@ def interleaved(forms: list[str], plans: dict, rounds: int, result: dict) -> Non
                             for case in per_round[form][0][kind]} for kind in SHAPES}
         r = result["forms"][form] = form_result(form, per_layer, nbytes[form])
         r["rounds_control_step_ms"] = [control_step(rd) for rd in per_round[form]]
+        r["rounds_per_layer_ms"] = per_round[form]
         gbs = nbytes[form]["decoder"] / 1e9 / (per_layer["decoder"]["decode"] / 1e3)
         r["decoder_decode_read_gbs"] = {"gbs": gbs, "vs_read_probe": gbs / read}
     result["interleaved"] = True

@@ -16,7 +16,8 @@ def test_projector_forms_match_dequantized_weights(form):
         if isinstance(gpu_scale.FORMS[form][0], tuple) else {}
     block, nbytes, err = gpu_scale.build("projector", form, plans, torch.device("cpu"))
     assert set(err) == {"fc1", "fc2", "fc3", "fc1->fc2", "fc2->fc3"}
-    assert max(err.values()) < gpu_scale.TOLERANCE, err
+    assert not gpu_scale.off(err), err
+    assert max(err.values()) < gpu_scale.TOLERANCE, err  # at A16 and A8 a pair stays within a layer's tolerance here
     params = sum(n * k for n, k in gpu_scale.SHAPES["projector"].values())
     bits = {"w8a8": 8, "w4a16": 4, "qvla-4-held": 4}[form]
     assert params * bits / 8 <= nbytes < params * bits / 8 * 1.1 + 1e6  # packed codes + scales, nothing else
