@@ -4,7 +4,7 @@ control step) on torch's own CUDA quantized kernels, the ones torchao's configs 
 | rows of a bucket | kernel                                                             | held               |
 |------------------|--------------------------------------------------------------------|--------------------|
 | 16 bits          | cuBLAS bf16 GEMM                                                   | bf16               |
-| 8 bits, A16      | torch._weight_int8pack_mm (int8 weight-only)                       | int8 + scale       |
+| 8 bits, A16      | up to 4 tokens torch._weight_int8pack_mm (a GEMV); more: the rows widened to bf16 per call, then cuBLAS (torchao's eager int8 weight-only path) | int8 + scale |
 | 8 bits, A8       | torch._int_mm (cuBLASLt int8 x int8 -> int32), per-token int8 input | int8 + scale       |
 | 4 and 2 bits     | tinygemm, torch._weight_int4pack_mm (bf16 input; 2-bit rows held as 4-bit codes) | 4 bits + bf16 scale/zero per 256 (or 128) |
 
@@ -83,7 +83,7 @@ class Int4Rows:
         self.nbytes = self.packed.numel() * self.packed.element_size() + self.sz.numel() * 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (0, self.kp - x.shape[1])) if x.shape[1] != self.kp else x
+        x = F.pad(x, (0, self.kp - x.shape[1])) if x.shape[1] != self.kp else x.contiguous()
         return self.mm(x, self.packed, self.group, self.sz)[:, : self.n]
 
 
@@ -99,19 +99,24 @@ def int8_weight_only(device) -> bool:
 
 
 class Int8Rows:
-    """Int8 weight-only (A16): torch._weight_int8pack_mm, w = code * scale; where the device has no such kernel,
-    the rows are widened to bf16 per call (the result records which: "int8_weight_only")."""
+    """Int8 weight-only (A16), w = code * scale. torch._weight_int8pack_mm reads the weights once per token (on
+    CUDA a dot product per output), so it runs only up to GEMV_MAX_TOKENS tokens, and only where the device has
+    it and --int8-gemv allows (the result records both); otherwise the rows are widened to bf16 per call and
+    cuBLAS multiplies them, the output scaled per row (torchao's eager path)."""
+
+    GEMV_MAX_TOKENS = 4
+    gemv = True  # --int8-gemv
 
     def __init__(self, codes, scale, device) -> None:
         self.w = codes.to(torch.int8).contiguous().to(device)
         self.s = scale.to(device, torch.bfloat16)
         self.nbytes = self.w.numel() + self.s.numel() * 2
-        self.kernel = int8_weight_only(device)
+        self.kernel = Int8Rows.gemv and int8_weight_only(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel:
+        if self.kernel and x.shape[0] <= self.GEMV_MAX_TOKENS:
             return torch._weight_int8pack_mm(x, self.w, self.s)
-        return F.linear(x, self.w.to(x.dtype) * self.s[:, None])
+        return F.linear(x, self.w.to(x.dtype)) * self.s
 
 
 class Int8A8Rows:
@@ -217,11 +222,12 @@ def build(kind: str, form: str, plans: dict, device) -> tuple[Block, int, dict]:
         ref_w = dequantize_storage(storage, shape)
         if name in producers:
             ref_w = ref_w[bucket_order(bits[name])]
-        x = torch.randn(64, shape[1], generator=g)
-        ref = x @ ref_w.t()
-        got = swapped[name](x.to(device, torch.bfloat16)).float().cpu()
-        keep = ref.abs().amax(0) > 0  # 0-bit rows give zeros in both
-        err[name] = float((got - ref)[:, keep].norm() / ref[:, keep].norm()) if keep.any() else 0.0
+        keep = ref_w.abs().amax(1) > 0  # 0-bit rows give zeros in both
+        for m, key in ((64, name), (1, f"{name}@1")):  # a prefill's and a decode step's kernels
+            x = torch.randn(m, shape[1], generator=g)
+            ref = x @ ref_w.t()
+            got = swapped[name](x.to(device, torch.bfloat16)).float().cpu()
+            err[key] = float((got - ref)[:, keep].norm() / ref[:, keep].norm()) if keep.any() else 0.0
     for prod, cons in producers.items():  # the fold: the pair's output against the unpermuted weights'
         x = torch.randn(64, linears[prod].weight.shape[1], generator=g)
         ref = F.gelu(x @ dequantize_storage(storages[prod], linears[prod].weight.shape).t())
@@ -235,11 +241,16 @@ def build(kind: str, form: str, plans: dict, device) -> tuple[Block, int, dict]:
 
 
 class Timer:
-    """A case captured in a CUDA graph and replayed between CUDA events (on a CPU, called and timed)."""
+    """A case captured in a CUDA graph and replayed between CUDA events (on a CPU, called and timed). Before each
+    replay a 256 MB buffer is written, so no weights are left in the GPU's L2 (60 MB on an H200) from the replay
+    before: the model runs 24-32 distinct layers in a row, and a layer of the vision towers would fit there."""
+
+    FLUSH_BYTES = 256 << 20
 
     def __init__(self, fn, device) -> None:
         self.device, self.fn = device, fn
         if device.type == "cuda":
+            self.flush = torch.empty(self.FLUSH_BYTES, dtype=torch.int8, device=device)
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -253,18 +264,20 @@ class Timer:
             fn()
 
     def ms(self, calls: int = 5) -> float:
+        """Mean ms of `calls` replays, each timed alone after the flush."""
         if self.device.type != "cuda":
             t = time.perf_counter()
             for _ in range(calls):
                 self.fn()
             return (time.perf_counter() - t) * 1e3 / calls
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(calls):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+        for a, b in events:
+            self.flush.zero_()  # the GPU is busy with it while the replay is queued behind
+            a.record()
             self.graph.replay()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / calls
+            b.record()
+        events[-1][1].synchronize()
+        return sum(a.elapsed_time(b) for a, b in events) / calls
 
 
 def cases(kind: str, block: Block, device) -> dict[str, object]:
@@ -302,14 +315,17 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="rounds; each times every form once (5 replays)")
     ap.add_argument("--forms", default=",".join(FORMS))
     ap.add_argument("--kinds", default=",".join(SHAPES), help="layer kinds to time (the control step needs all)")
+    ap.add_argument("--int8-gemv", choices=("int8pack", "widen"), default="int8pack",
+                    help="8-bit A16 rows at up to 4 tokens: torch._weight_int8pack_mm, or widened to bf16 as at more")
     a = ap.parse_args(argv)
+    Int8Rows.gemv = a.int8_gemv == "int8pack"
     device = torch.device(a.device)
     forms, kinds = a.forms.split(","), a.kinds.split(",")
     plans = {FORMS[f][0]: random_plan(*FORMS[f][0]) for f in forms if isinstance(FORMS[f][0], tuple)}
     result = {"device": device_record(device), "layers": LAYERS, "prefill_tokens": PREFILL, "runs": a.runs,
               "int4_groups": GROUPS, "tolerance": {"layer": TOLERANCE, "folded_pair": PAIR_TOLERANCE},
-              "int8_weight_only": ("torch._weight_int8pack_mm" if int8_weight_only(device)
-                                   else "rows widened to bf16 per call"),
+              "int8_weight_only": ("torch._weight_int8pack_mm up to 4 tokens, widened to bf16 beyond"
+                                   if Int8Rows.gemv and int8_weight_only(device) else "rows widened to bf16 per call"),
               "forms": {f: {"per_layer_ms": {}, "per_layer_bytes": {}, "rel_error": {}} for f in forms}}
     for kind in kinds:
         timers = {}
@@ -329,7 +345,7 @@ def main(argv=None) -> int:
             result["forms"][form]["per_layer_ms"][kind] = {c: statistics.median(v) for c, v in times[form].items()}
         print(kind, {f: {c: round(v, 4) for c, v in result["forms"][f]["per_layer_ms"][kind].items()} for f in forms},
               file=sys.stderr, flush=True)
-        del timers
+        del timers, block
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if set(kinds) == set(SHAPES):
