@@ -18,18 +18,26 @@ build_once() {
 
 # regen_episodes DIR...: the calibration observations are not kept in git; rebuild a calibration directory's
 # episodes/ (qvla calibrate is deterministic) with the episode count, seed and suite its manifest records, and
-# refuse the result unless its episodes are the manifest's (ids, policy calls and outcomes)
+# refuse the result unless it was made by the same policy weights and its episodes are the manifest's (ids, policy
+# calls, outcomes, and the observations' sha256 where the manifest records one). A refused or failed rebuild
+# leaves nothing behind and returns 1.
 regen_episodes() {
+  local d tmp n seed policy suite
   for d in "$@"; do
-    [ -d $d/episodes ] && continue
-    local tmp; mkdir -p runs; tmp=$(mktemp -d runs/regen.XXXX)
+    [ -d "$d/episodes" ] && continue
+    mkdir -p runs
+    tmp=$(mktemp -d runs/regen.XXXX)
     read -r n seed policy suite < <(.venv/bin/python -c "import json,sys; m = json.load(open(sys.argv[1]))
-print(len(m['episodes']), m['seed'], m['policy'], m['suite'])" $d/manifest.json)
-    .venv/bin/qvla calibrate --policy $policy --suite $suite --episodes $n --seed $seed --out $tmp/calib
-    .venv/bin/python -c "import json,sys; ids = lambda f: [(e['id'], e['calls'], e['success']) for e in json.load(open(f))['episodes']]
-sys.exit(0 if ids(sys.argv[1]) == ids(sys.argv[2]) else f'{sys.argv[2]}: regenerated episodes differ from its manifest')" \
-      $tmp/calib/manifest.json $d/manifest.json
-    mv $tmp/calib/episodes $d/episodes && rm -rf $tmp
+print(len(m['episodes']), m['seed'], m['policy'], m['suite'])" "$d/manifest.json")
+    if .venv/bin/qvla calibrate --policy "$policy" --suite "$suite" --episodes "$n" --seed "$seed" --out "$tmp/calib" \
+        && .venv/bin/python bench/same_episodes.py "$tmp/calib/manifest.json" "$d/manifest.json"; then
+      mv "$tmp/calib/episodes" "$d/episodes"
+      rm -rf "$tmp"
+    else
+      rm -rf "$tmp"
+      echo "regen_episodes: could not rebuild $d/episodes" >&2
+      return 1
+    fi
   done
 }
 
