@@ -315,10 +315,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--runs", type=int, default=20, help="rounds; each times every form once (5 replays)")
     ap.add_argument("--forms", default=",".join(FORMS))
+    ap.add_argument("--decoder-layers", type=int, default=LAYERS["decoder"],
+                    help="decoder layers the step and the memory count (Llama-2-7B: 32)")
     ap.add_argument("--kinds", default=",".join(SHAPES), help="layer kinds to time (the control step needs all)")
     ap.add_argument("--int8-gemv", choices=("int8pack", "widen"), default="int8pack",
                     help="8-bit A16 rows at up to 4 tokens: torch._weight_int8pack_mm, or widened to bf16 as at more")
     a = ap.parse_args(argv)
+    LAYERS["decoder"] = a.decoder_layers  # one layer of each kind is timed; counts extrapolate
     Int8Rows.gemv = a.int8_gemv == "int8pack"
     device = torch.device(a.device)
     forms, kinds = a.forms.split(","), a.kinds.split(",")

@@ -4,7 +4,8 @@ The stack has OpenVLA's shapes with random weights: a Llama-2-7B decoder (hidden
 32 heads, 32 layers), the fused DINOv2-L (1024 / 4096, 24 layers) + SigLIP-so400m (1152 / 4304, 27
 layers) vision towers on 256 patches, the fused-GELU MLP projector (2176 -> 8704 -> 4096 -> 4096),
 a 32000-token LM head (8 bits in every quantized form), and an OFT-style action head (4096 -> 4096 -> 4096 -> 7 on 56 action tokens).
-One layer of each kind is built and timed; the full model is extrapolated by layer counts.
+One layer of each kind is built and timed; the full model is extrapolated by layer counts (--decoder-layers
+sets the decoder's).
 
 A control step is what OpenVLA runs per action: both towers on 256 patches, the projector, the
 decoder prefill of 256 image + 20 prompt tokens, then 7 single-token decode steps with a preallocated KV cache,
@@ -391,12 +392,15 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--forms", default=",".join(FORMS))
+    ap.add_argument("--decoder-layers", type=int, default=LAYERS["decoder"],
+                    help="decoder layers the step and the memory count (Llama-2-7B: 32)")
     ap.add_argument("--interleave", action="store_true",
                     help="time the forms round by round (--runs rounds), each layer kind's blocks built side by "
                          "side, with a memory read probe per round; per-round ratios to bf16 in the output")
     ap.add_argument("--disk", action="store_true",
                     help="also write each form's layers as qvla checkpoints and report the bytes on disk")
     a = ap.parse_args(argv)
+    LAYERS["decoder"] = a.decoder_layers  # one layer of each kind is timed; counts extrapolate
     torch.set_num_threads(a.threads)
     allocator.keep_freed_memory()  # freed activations are reused, for every form timed here (qvla.allocator)
     torch.set_flush_denormal(True)
