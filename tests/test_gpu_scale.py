@@ -24,3 +24,19 @@ def test_projector_forms_match_dequantized_weights(form):
     assert params * bits / 8 <= nbytes < params * bits / 8 * 1.1 + 1e6  # packed codes + scales, nothing else
     y = block(torch.randn(1, 8, 2176, dtype=torch.bfloat16))
     assert y.shape == (1, 8, 4096) and torch.isfinite(y.float()).all()
+
+
+def test_w8a8_rows_padded_as_cublaslt_wants_give_the_same_output():
+    """On CUDA torch._int_mm wants more than 16 rows: a decode step's single token is padded to 17; rows (N) and
+    inputs (K) to multiples of 8. The padding must not change the product."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 13, 100  # neither a multiple of 8
+    codes, scale = torch.randint(-127, 128, (n, k), generator=g), torch.rand(n, generator=g) * 0.01
+    rows = gpu_scale.Int8A8Rows(codes, scale, torch.device("cpu"))
+    x = torch.randn(3, k, generator=g).to(torch.bfloat16)
+    plain = rows(x)
+    rows.min_rows = 17
+    assert torch.equal(rows(x), plain)
+    step = x.float().abs().amax(-1, keepdim=True) / 127
+    ref = (torch.round(x.float() / step) * step) @ (codes.float() * scale[:, None]).t()
+    assert torch.allclose(plain.float(), ref, rtol=1e-2, atol=1e-3)
