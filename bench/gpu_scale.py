@@ -20,6 +20,7 @@ replayed: median of --runs replays timed by CUDA events, bf16 and the quantized 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -30,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import (EMBED_PARAMS, FOLDS, LAYERS, PREFILL, SHAPES, Block, KVCache, block_dim,  # noqa: E402
-                   control_step, make_linears, random_plan, uniform, write_result)
+from scale import (FOLDS, LAYERS, PREFILL, SHAPES, Block, cases, control_step, layer_bits,  # noqa: E402
+                   make_linears, model_bytes, random_plan, uniform, write_result)
 
 from qvla.quant.apply import QuantLinear  # noqa: E402
 from qvla.quant.packed import BUCKET_ORDER, bucket_order  # noqa: E402
@@ -87,6 +88,7 @@ class Int4Rows:
         return self.mm(x, self.packed, self.group, self.sz)[:, : self.n]
 
 
+@functools.cache
 def int8_weight_only(device) -> bool:
     """torch._weight_int8pack_mm runs on this device (its CUDA kernel is newer than the CPU one)."""
     try:
@@ -206,10 +208,7 @@ def build(kind: str, form: str, plans: dict, device) -> tuple[Block, int, dict]:
     if bits_of is None:
         block = Block(kind, linears).to(device, torch.bfloat16)
         return block, sum(m.weight.numel() * 2 for m in linears.values()), {}
-    plan = plans[bits_of] if isinstance(bits_of, tuple) else None
-    bits = {name: torch.full((lin.weight.shape[0],), 8, dtype=torch.long) if kind == "lm_head"
-            else plan[(kind, name)] if plan is not None else bits_of(kind, name, lin.weight.shape[0])
-            for name, lin in linears.items()}
+    bits = layer_bits(kind, bits_of, plans, linears)
     storages = {name: QuantLinear.from_linear(lin, bits[name], a_bits).storage() for name, lin in linears.items()}
     producers = dict(FOLDS.get(kind, []))
     consumers = {c: p for p, c in producers.items()}
@@ -281,24 +280,6 @@ class Timer:
         return sum(a.elapsed_time(b) for a, b in events) / calls
 
 
-def cases(kind: str, block: Block, device) -> dict[str, object]:
-    """As scale.cases: the decoder's prefill (276 tokens, a fresh KV cache) and one decode step over it."""
-    dt = torch.bfloat16
-    if kind in ("dino", "siglip", "projector", "action_head"):
-        d = block_dim(kind) if kind in ("dino", "siglip") else next(iter(SHAPES[kind].values()))[1]
-        x = torch.randn(1, 56 if kind == "action_head" else 256, d, device=device, dtype=dt)
-        return {"prefill": lambda: block(x)}
-    d = next(iter(SHAPES[kind].values()))[1]
-    if kind == "lm_head":
-        x = torch.randn(1, 1, d, device=device, dtype=dt)
-        return {"decode": lambda: block(x)}
-    x = torch.randn(1, PREFILL, d, device=device, dtype=dt)
-    cache = KVCache()
-    block(x, cache)
-    one = torch.randn(1, 1, d, device=device, dtype=dt)
-    return {"prefill": lambda: block(x, KVCache()), "decode": lambda: block(one, cache.fork())}
-
-
 def device_record(device) -> dict:
     rec = {"type": device.type, "torch": torch.__version__}
     if device.type == "cuda":
@@ -339,7 +320,8 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"{form} {kind}: output off its dequantized weights: {off(err)} (all: {err})")
             r = result["forms"][form]
             r["per_layer_bytes"][kind], r["rel_error"][kind] = nbytes, err
-            timers[form] = {case: Timer(fn, device) for case, fn in cases(kind, block, device).items()}
+            timers[form] = {case: Timer(fn, device)  # as scale.cases: prefill, and one decode step
+                            for case, (fn, _) in cases(kind, block, torch.bfloat16, device).items()}
         times = {form: {case: [] for case in ts} for form, ts in timers.items()}
         for r in range(a.runs):
             for form in forms[r % len(forms):] + forms[:r % len(forms)]:
@@ -354,7 +336,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     if set(kinds) == set(SHAPES):
         for form, r in result["forms"].items():
-            r["model_bytes"] = sum(LAYERS[k] * r["per_layer_bytes"][k] for k in SHAPES) + EMBED_PARAMS * 2
+            r["model_bytes"] = model_bytes(form, r["per_layer_bytes"])
             r["control_step_ms"] = control_step(r["per_layer_ms"])
         if "bf16" in forms:
             ref = result["forms"]["bf16"]

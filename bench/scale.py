@@ -201,6 +201,18 @@ TRANSFORMS = {
 }
 
 
+def layer_bits(kind: str, bits_of, plans: dict, linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """Each linear's per-channel bits in a quantized form: its plan's (bits_of a plan key) or uniform ones."""
+    plan = plans[bits_of] if isinstance(bits_of, tuple) else None
+    bits = {}
+    for name, lin in linears.items():
+        if kind == "lm_head":  # kept at 8 bits in every quantized form (a plan pin; it runs once per token)
+            bits[name] = torch.full((lin.weight.shape[0],), 8, dtype=torch.long)
+        else:
+            bits[name] = plan[(kind, name)] if plan is not None else bits_of(kind, name, lin.weight.shape[0])
+    return bits
+
+
 def build(kind: str, form: str, plans: dict, tensors: dict | None = None) -> tuple[Block, int]:
     """-> (block, bytes of weights it holds); tensors: filled with what a checkpoint of the block writes."""
     bits_of, a_bits, dtype = FORMS[form]
@@ -210,13 +222,7 @@ def build(kind: str, form: str, plans: dict, tensors: dict | None = None) -> tup
         if tensors is not None:
             tensors.update({f"{name}.weight": lin.weight.detach() for name, lin in block.lin.items()})
         return block, sum(m.weight.numel() for m in linears.values()) * (2 if dtype == torch.bfloat16 else 4)
-    plan = plans[bits_of] if isinstance(bits_of, tuple) else None
-    bits = {}
-    for name, lin in linears.items():
-        if kind == "lm_head":  # kept at 8 bits in every quantized form (a plan pin; it runs once per token)
-            bits[name] = torch.full((lin.weight.shape[0],), 8, dtype=torch.long)
-        else:
-            bits[name] = plan[(kind, name)] if plan is not None else bits_of(kind, name, lin.weight.shape[0])
+    bits = layer_bits(kind, bits_of, plans, linears)
     swapped = quantized(kind, linears, bits, a_bits, not form.endswith("-scatter"), TRANSFORMS.get(form), tensors)
     return Block(kind, swapped), sum(m.weight_nbytes for m in swapped.values())
 
@@ -241,23 +247,23 @@ def median_ms(fn, runs: int) -> float:
     return statistics.median(timed(fn) for _ in range(runs))
 
 
-def cases(kind: str, block: Block, dtype) -> dict[str, tuple]:
+def cases(kind: str, block: Block, dtype, device=None) -> dict[str, tuple]:
     """What is timed of one block: {case: (fn, calls per run)}. Decode steps are short, so each run takes
     three of them (their median)."""
     if kind in ("dino", "siglip"):
-        x = torch.randn(1, 256, block_dim(kind), dtype=dtype)
+        x = torch.randn(1, 256, block_dim(kind), dtype=dtype, device=device)
         return {"prefill": (lambda: block(x), 1)}
     d_in = next(iter(SHAPES[kind].values()))[1]
     if kind in ("projector", "action_head"):
-        x = torch.randn(1, 256 if kind == "projector" else 56, d_in, dtype=dtype)
+        x = torch.randn(1, 256 if kind == "projector" else 56, d_in, dtype=dtype, device=device)
         return {"prefill": (lambda: block(x), 1)}
     if kind == "lm_head":
-        x = torch.randn(1, 1, d_in, dtype=dtype)
+        x = torch.randn(1, 1, d_in, dtype=dtype, device=device)
         return {"decode": (lambda: block(x), 1)}
-    x = torch.randn(1, PREFILL, d_in, dtype=dtype)
+    x = torch.randn(1, PREFILL, d_in, dtype=dtype, device=device)
     cache = KVCache()
     block(x, cache)
-    one = torch.randn(1, 1, d_in, dtype=dtype)
+    one = torch.randn(1, 1, d_in, dtype=dtype, device=device)
     return {"prefill": (lambda: block(x, KVCache()), 1), "decode": (lambda: block(one, cache.fork()), 3)}
 
 
@@ -310,13 +316,18 @@ def control_step(t: dict[str, dict[str, float]]) -> dict[str, float]:
             + t["action_head"]["prefill"]}
 
 
+def model_bytes(form: str, per_kind: dict[str, int]) -> int:
+    """The whole model's bytes from one layer's of each kind, by layer counts, with the token embedding (a table
+    lookup: 16 bits, fp32 in the fp32 form)."""
+    return sum(LAYERS[k] * per_kind[k] for k in SHAPES) + EMBED_PARAMS * (4 if form == "fp32" else 2)
+
+
 def form_result(form: str, per_layer: dict, nbytes: dict) -> dict:
-    full = sum(LAYERS[k] * nbytes[k] for k in SHAPES) + EMBED_PARAMS * (4 if form == "fp32" else 2)
-    return {"per_layer_ms": per_layer, "per_layer_bytes": nbytes, "model_bytes": full,
+    return {"per_layer_ms": per_layer, "per_layer_bytes": nbytes, "model_bytes": model_bytes(form, nbytes),
             "control_step_ms": control_step(per_layer)}
 
 
-def interleaved(forms: list[str], plans: dict, rounds: int, result: dict) -> None:
+def interleaved(forms: list[str], make: Builder, rounds: int, result: dict) -> None:
     """--interleave: per layer kind, every form's block is built and the forms are timed round by round.
     Adds each form's per-round control steps and their ratios to bf16's in the same rounds (the spread a
     ratio has on this machine), and the decode step's weight read rate against the read probe's."""
@@ -326,7 +337,7 @@ def interleaved(forms: list[str], plans: dict, rounds: int, result: dict) -> Non
     for kind in SHAPES:
         blocks = {}
         for form in forms:
-            block, nbytes[form][kind] = build(kind, form, plans)
+            block, nbytes[form][kind] = make(kind, form)
             blocks[form] = (block, FORMS[form][2])
         times, reads[kind] = time_interleaved(kind, blocks, rounds, probe)
         del blocks
@@ -363,26 +374,31 @@ def spread(ref: list[dict[str, float]], ms: list[dict[str, float]]) -> dict[str,
                 "max": max(x[k] for x in ratios)} for k in ratios[0]}
 
 
-def disk_sizes(forms: list[str], plans: dict, result: dict) -> None:
-    """--disk: every form's layers written as qvla checkpoints (safetensors + config with checksums), one per
-    layer kind, read back with their checksums checked; the weight file's bytes, extrapolated by layer counts
-    as the memory is (the embedding at 16 bits, fp32 in the fp32 form)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for form in forms:
-            per_kind = {}
-            for kind in SHAPES:
-                tensors = {}
-                build(kind, form, plans, tensors)
-                out = save_checkpoint(Path(tmp) / f"{form}-{kind}", {"form": form, "kind": kind}, tensors)
-                _, back = load_checkpoint(out)
-                if back.keys() != tensors.keys() or any(not torch.equal(back[k], t) for k, t in tensors.items()):
-                    raise RuntimeError(f"{form} {kind}: the checkpoint read back differs from what was written")
-                per_kind[kind] = (out / WEIGHTS).stat().st_size
-                shutil.rmtree(out)
+class Builder:
+    """build() for the timing loops; with disk_dir, each block's tensors are also written as a qvla checkpoint
+    (safetensors + config with checksums), read back with its checksums checked, and its weight file's bytes
+    kept in disk[form][kind] (--disk)."""
+
+    def __init__(self, plans: dict, disk_dir: str | None = None) -> None:
+        self.plans, self.dir, self.disk = plans, disk_dir, {}
+
+    def __call__(self, kind: str, form: str) -> tuple[Block, int]:
+        tensors = {} if self.dir else None
+        block, nbytes = build(kind, form, self.plans, tensors)
+        if self.dir:
+            out = save_checkpoint(Path(self.dir) / f"{form}-{kind}", {"form": form, "kind": kind}, tensors)
+            _, back = load_checkpoint(out)
+            if back.keys() != tensors.keys() or any(not torch.equal(back[k], t) for k, t in tensors.items()):
+                raise RuntimeError(f"{form} {kind}: the checkpoint read back differs from what was written")
+            self.disk.setdefault(form, {})[kind] = (out / WEIGHTS).stat().st_size
+            shutil.rmtree(out)
+        return block, nbytes
+
+    def record(self, result: dict) -> None:
+        """Each form's bytes on disk, extrapolated as the memory is."""
+        for form, per_kind in self.disk.items():
             r = result["forms"][form]
-            r["per_layer_disk_bytes"] = per_kind
-            r["model_disk_bytes"] = (sum(LAYERS[k] * per_kind[k] for k in SHAPES)
-                                     + EMBED_PARAMS * (4 if form == "fp32" else 2))
+            r["per_layer_disk_bytes"], r["model_disk_bytes"] = per_kind, model_bytes(form, per_kind)
             print(form, "on disk", f"{r['model_disk_bytes'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
 
 
@@ -412,19 +428,21 @@ def main(argv=None) -> int:
         allb = torch.cat(list(plan.values()))
         result[f"plan_{b:g}{'_held' if held else ''}_channels_by_bits"] = {
             int(k): int((allb == k).sum()) for k in (16, 8, 4, 2, 0)}
-    if a.interleave:
-        interleaved(forms, plans, a.runs, result)
-    else:
-        for form in forms:
-            per_layer, nbytes = {}, {}
-            for kind in SHAPES:
-                block, nbytes[kind] = build(kind, form, plans)
-                per_layer[kind] = time_kind(kind, block, FORMS[form][2], a.runs)
-                del block
-                print(form, kind, {k: round(v, 2) for k, v in per_layer[kind].items()}, file=sys.stderr, flush=True)
-            result["forms"][form] = form_result(form, per_layer, nbytes)
-    if a.disk:
-        disk_sizes(forms, plans, result)
+    with tempfile.TemporaryDirectory() as disk_dir:
+        make = Builder(plans, disk_dir if a.disk else None)
+        if a.interleave:
+            interleaved(forms, make, a.runs, result)
+        else:
+            for form in forms:
+                per_layer, nbytes = {}, {}
+                for kind in SHAPES:
+                    block, nbytes[kind] = make(kind, form)
+                    per_layer[kind] = time_kind(kind, block, FORMS[form][2], a.runs)
+                    del block
+                    print(form, kind, {k: round(v, 2) for k, v in per_layer[kind].items()}, file=sys.stderr,
+                          flush=True)
+                result["forms"][form] = form_result(form, per_layer, nbytes)
+        make.record(result)
     ref = result["forms"].get("bf16")
     for form, r in result["forms"].items():
         if ref:
