@@ -8,15 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 P=${1:-microvla-chunk} FORM=${2:-action} T=${3:-results/table/microvla-chunk-v2}
-Q=.venv/bin/qvla
 regen_episodes "$T/calib"
-CK=runs/$(basename "$T")-w4a8-qvla-gptq+lc
-[ -f "$CK/config.json" ] || $Q quantize --policy "$P" --method qvla-gptq+lc --w-bits 4 --a-bits 8 --form "$FORM" \
-  --calib "$T/calib" --out "$CK"
-[ -f "$T/eval-w4a8-qvla-gptq+lc.json" ] || $Q eval --policy "$CK" --episodes-per-task 20 --workers 2 \
-  --out "$T/eval-w4a8-qvla-gptq+lc.json"
-$Q bench --policy "$CK" --out "$T/bench-w4a8-qvla-gptq+lc.json"
+CK=runs/$(basename "$T")-w4a8-qvla-gptq+lc; E=$T/eval-w4a8-qvla-gptq+lc.json
+build_once "$CK" --policy "$P" --method qvla-gptq+lc --w-bits 4 --a-bits 8 --form "$FORM" --calib "$T/calib"
+eval_once "$CK" "$E"  # refuses a kept evaluation of other weights
+.venv/bin/qvla bench --policy "$CK" --out "$T/bench-w4a8-qvla-gptq+lc.json"
 mkdir -p results/ablation
-E=$T/eval-w4a8-qvla-gptq+lc.json
 .venv/bin/python bench/paired.py "$T/fp.json" "$E" "$T/eval-w4a16-qvla-gptq+lc.json" "$E" \
   "$T/eval-w4a4-qvla-sq-gptq+lc.json" "$E" --out "results/ablation/$(basename "$T")-w4a8-paired.json"
