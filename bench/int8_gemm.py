@@ -1,4 +1,4 @@
-"""The two int8 GEMMs Int8Kernel can run (oneDNN's, fbgemm's) against bf16 on one 7B-shaped decoder layer,
+"""The int8 GEMMs Int8Kernel can run here (qvla's, oneDNN's, fbgemm's) against bf16 on one 7B-shaped decoder layer,
 measured interleaved in one process: every round times each form once at the prefill (256 image + 20
 prompt tokens) and at a one-token decode step, so drift of the machine hits all of them alike.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import PREFILL, SHAPES, KVCache, build, timed, write_result  # noqa: E402
+from scale import PREFILL, SHAPES, KVCache, build, spread, timed, write_result  # noqa: E402
 
 from qvla import allocator  # noqa: E402
 from qvla.bench import device_info  # noqa: E402
@@ -35,6 +35,21 @@ def faulted(fn, into: list) -> float:
 TOKENS = (1, 2, 8, 32, PREFILL)
 
 
+def gemms_here() -> list[str]:
+    """The int8 GEMMs this machine can run (int8_gemm() refuses the others)."""
+    from qvla.quant.kernels import INT8_GEMMS, int8_gemm
+
+    here = []
+    for gemm in INT8_GEMMS:
+        os.environ["QVLA_INT8_GEMM"] = gemm
+        try:
+            here.append(int8_gemm())
+        except RuntimeError:
+            pass
+    os.environ.pop("QVLA_INT8_GEMM")
+    return here
+
+
 @torch.no_grad()
 def gemm_table(rounds: int) -> list[dict]:
     """Each GEMM alone (Int8Kernel at A8, one pass) on the decoder's three layer shapes, three distinct layers
@@ -46,7 +61,7 @@ def gemm_table(rounds: int) -> list[dict]:
     for n, k in sorted(set(SHAPES["decoder"].values())):
         codes = [torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8) for _ in range(3)]
         scale = torch.rand(n, generator=g) * 0.01
-        kernels = {gemm: [Int8Kernel(c, scale, gemm=gemm, a_bits=8) for c in codes] for gemm in ("onednn", "fbgemm")}
+        kernels = {gemm: [Int8Kernel(c, scale, gemm=gemm, a_bits=8) for c in codes] for gemm in gemms_here()}
         for m in TOKENS:
             x = torch.randn(m, k, generator=g)
             ts = {gemm: [] for gemm in kernels}
@@ -57,6 +72,11 @@ def gemm_table(rounds: int) -> list[dict]:
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
     return rows
+
+
+def by_round(t: dict[str, list[float]]) -> list[dict[str, float]]:
+    """{case: [ms per round]} -> [{case: ms} per round]."""
+    return [dict(zip(t, ms)) for ms in zip(*t.values())]
 
 
 @torch.no_grad()
@@ -70,7 +90,7 @@ def main(argv=None) -> int:
     allocator.keep_freed_memory()  # freed activations are reused, for every form timed here (qvla.allocator)
     torch.set_flush_denormal(True)
     blocks = {"bf16": (build("decoder", "bf16", {})[0], torch.bfloat16)}
-    for gemm in ("onednn", "fbgemm"):  # Int8Kernel reads the choice when it is built
+    for gemm in gemms_here():  # Int8Kernel reads the choice when it is built
         os.environ["QVLA_INT8_GEMM"] = gemm
         blocks[f"w8a8-{gemm}"] = (build("decoder", "w8a8", {})[0], torch.float32)
     os.environ.pop("QVLA_INT8_GEMM")
@@ -97,9 +117,10 @@ def main(argv=None) -> int:
     result = {"device": {**device_info(a.threads), "int8_gemm": "both (this benchmark compares them)"},
               "layer": "decoder", "prefill_tokens": PREFILL, "rounds": a.rounds, "median_ms": med,
               "vs_bf16": {n: {k: med["bf16"][k] / v for k, v in m.items()} for n, m in med.items() if n != "bf16"},
+              "rounds_vs_bf16": {n: spread(by_round(times["bf16"]), by_round(t)) for n, t in times.items() if n != "bf16"},
               "prefill_page_faults": {n: statistics.median(v) for n, v in faults.items()},
               "gemm_ms": gemms, "rounds_ms": times}
-    write_result(a.out, result, ("median_ms", "vs_bf16", "prefill_page_faults"))
+    write_result(a.out, result, ("median_ms", "vs_bf16", "rounds_vs_bf16", "prefill_page_faults"))
     return 0
 
 

@@ -6,7 +6,7 @@ reports the bytes it holds, and maps (M, K) float32 activations to (M, rows) flo
 | bucket  | kernel                                                  | held in memory        | activations |
 |---------|---------------------------------------------------------|-----------------------|-------------|
 | 8 bits  | qvla's AVX2/VNNI kernel (lowbit.py) for buckets of up to SMALL_INT8_WEIGHTS weights | int8 + fp32 scale | the plan's grid (A8, A4); int8 x 2 passes (A16) |
-| 8 bits  | else torch's oneDNN (or fbgemm) int8 GEMM              | int8 + fp32 scale     | 7-bit per token (see Int8Kernel); A4: the grid's codes |
+| 8 bits  | else qvla's int8 GEMM (AVX-512 VNNI; else fbgemm's, see int8_gemm()) | int8 + fp32 scale | 7-bit per token (see Int8Kernel); A4: the grid's codes |
 | 4, 2    | qvla's AVX2/VNNI low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | the plan's grid (A8, A4); int8 x 2 passes (A16) |
 | 4, 2    | else torch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu) | 4 bits + bf16 scale/zero per group | bf16 |
 | 16      | fp16 rows widened in registers (lowbit.py half_mm) at <= 4 tokens and K >= 1024, else upcast per call for the float GEMM | fp16 | fp32 |
@@ -45,22 +45,45 @@ def _onednn_int8() -> bool:
 
 
 def int8_gemm() -> str:
-    """The int8 GEMM Int8Kernel runs: "onednn" where torch has it and the CPU has AVX-512 VNNI, else "fbgemm";
-    QVLA_INT8_GEMM picks one. On the 7B decoder's layers (bench/int8_gemm.py, AMD EPYC, 2 threads): with
-    AVX-512 VNNI oneDNN is faster at the prefill's 276 tokens (12.6 / 29.3 ms against 14.4 / 38.6 ms on
-    4096x4096 / 4096x11008) and slower at one or two; on AVX2 alone it is level at 276 and 3-7x slower
-    from 1 to 8 tokens (5.6 against 1.5 ms on 4096x4096 at one token), slower than bf16 at a decode step."""
+    """The int8 GEMM Int8Kernel runs: qvla's own ("qvla", csrc/int8_gemm.cpp) where the extension builds and
+    the CPU has AVX-512 VNNI, else "fbgemm"; QVLA_INT8_GEMM picks one ("onednn" too, torch's oneDNN int8
+    linear). On the 7B decoder's layers (bench/int8_gemm.py, AMD EPYC Zen 5, 2 threads) qvla's ran level with
+    oneDNN's at the prefill's 276 tokens and faster from 1 to 32 tokens (at one token oneDNN read the weights at
+    ~0.75-0.95 of the memory's speed, and cost ~0.015 ms a call more); oneDNN in turn is faster than fbgemm at
+    276 tokens (12.6 / 29.3 ms against 14.4 / 38.6 ms on 4096x4096 / 4096x11008). On AVX2 alone oneDNN is level
+    with fbgemm at 276 and 3-7x slower from 1 to 8 tokens (5.6 against 1.5 ms on 4096x4096 at one token)."""
     want = os.environ.get("QVLA_INT8_GEMM")
     if want is None:
-        return "onednn" if _onednn_int8() and lowbit.cpu_has_vnni() else "fbgemm"
+        return "qvla" if lowbit.cpu_has_vnni() and lowbit.available() else "fbgemm"
     if want not in INT8_GEMMS:
         raise ValueError(f"QVLA_INT8_GEMM must be one of {sorted(INT8_GEMMS)}, got {want!r}")
     if want == "onednn" and not _onednn_int8():
         raise RuntimeError("QVLA_INT8_GEMM=onednn, but this torch has no oneDNN int8 linear")
+    if want == "qvla" and not (lowbit.cpu_has_vnni() and lowbit.available()):
+        raise RuntimeError("QVLA_INT8_GEMM=qvla needs AVX-512 VNNI and qvla's extension built")
     return want
 
 
-class _Fbgemm:
+class _TorchInt8:
+    """A torch int8 GEMM computing z = scale_n * (W t) from exact integer input t; `linear` adds
+    Int8Kernel's epilogue. Holds the GEMM's weights, the fp32 scales and the fp32 row sums of W."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        self.rowsum = codes.float().sum(1) * scale
+        self.nbytes = codes.numel() + 8 * codes.shape[0]  # codes + fp32 scale + fp32 row sum
+
+    def linear(self, t: torch.Tensor, step: torch.Tensor, bsum: torch.Tensor | None, passes: int) -> torch.Tensor:
+        """t (passes * M, K) stacked passes; step (passes * M, 1); bsum (M, 1), each token's bases summed
+        over the passes (None: no base, A4) -> sum_p step_p * (W t_p) * scale + bsum * rowsum."""
+        m = t.shape[0] // passes
+        z = self(t, full=bsum is not None)
+        y = z[:m].mul_(step[:m])  # in place: the epilogue is 2-3 sweeps over (M, N), not 4 per pass
+        for p in range(1, passes):
+            y.addcmul_(z[p * m:(p + 1) * m], step[p * m:(p + 1) * m])
+        return y if bsum is None else y.addcmul_(bsum, self.rowsum)
+
+
+class _Fbgemm(_TorchInt8):
     """fbgemm's dynamic int8 linear: quantizes its float input per tensor (uint8, reduced to 7 bits, which
     avoids int16 overflow in its multiply-add on AVX2); fed integers t in [-64, 63] it picks scale 1 and
     zero point 64, so its rounding is exact."""
@@ -68,6 +91,7 @@ class _Fbgemm:
     u8 = False  # takes float t
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__(codes, scale)
         n = codes.shape[0]
         qw = torch._make_per_channel_quantized_tensor(codes.to(torch.int8), scale.double(),
                                                       torch.zeros(n, dtype=torch.long), 0)
@@ -81,7 +105,7 @@ class _Fbgemm:
         return torch.ops.quantized.linear_dynamic(t, self.packed, True)
 
 
-class _OneDnn:
+class _OneDnn(_TorchInt8):
     """oneDNN's int8 linear on uint8 input with a given scale and zero point: fed u = t + 64 with scale 1
     and zero point 64 it computes scale_n * (W t) in integers. 7-bit u keeps a u8 x s8 pair sum inside int16
     (127 * 128 * 2 < 2^15), so the result is exact on CPUs without VNNI too."""
@@ -89,6 +113,7 @@ class _OneDnn:
     u8 = True  # takes uint8 t + 64
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__(codes, scale)
         n = codes.shape[0]
         self.packed = torch.ops.onednn.qlinear_prepack(codes.to(torch.int8).contiguous(), None)
         self.scale, self.zero = scale.float().contiguous(), torch.zeros(n, dtype=torch.long)
@@ -98,21 +123,44 @@ class _OneDnn:
                                                   torch.float32, "none", [], "")
 
 
-INT8_GEMMS = {"onednn": _OneDnn, "fbgemm": _Fbgemm}
+class _Qvla:
+    """qvla's int8 GEMM (csrc/int8_gemm.cpp, AVX-512 VNNI) on uint8 u = t + 64, with the epilogue in the
+    same pass: no (M, N) intermediate. Holds the codes in its panel layout (N padded to 16 rows, K to 4), the
+    fp32 scales and the int32 row sums of the codes (the zero point's term and the base's)."""
+
+    u8 = True
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        self.ext = lowbit.extension()
+        codes = codes.to(torch.int8).contiguous()
+        self.packed = self.ext.int8_pack(codes)
+        self.scale = scale.float().contiguous()
+        self.wsum = codes.sum(1, dtype=torch.int32)
+        self.nbytes = self.packed.numel() + 8 * codes.shape[0]
+
+    def linear(self, u: torch.Tensor, step: torch.Tensor, bsum: torch.Tensor | None, passes: int) -> torch.Tensor:
+        """As _TorchInt8.linear."""
+        none = torch.empty(0)
+        return self.ext.int8_mm(u, self.packed, self.scale, self.wsum, step.reshape(-1),
+                                none if bsum is None else bsum.reshape(-1), passes, 64)
+
+
+INT8_GEMMS = {"qvla": _Qvla, "onednn": _OneDnn, "fbgemm": _Fbgemm}
 
 
 class Int8Kernel:
-    """An int8 GEMM (oneDNN's or fbgemm's, see int8_gemm()) fed integers so that its own rounding is exact.
+    """An int8 GEMM (qvla's, oneDNN's or fbgemm's, see int8_gemm()) fed integers so that its rounding is exact.
 
     fbgemm quantizes its input per tensor (uint8, reduced to 7 bits): used as is, it loses 10-15 dB of
     output SQNR on a transformer MLP here. We quantize each token ourselves to 128 levels between its own
     min and max, j = round((x - lo) / step), and hand the GEMM t = j - 64 (fbgemm, which then picks scale 1
-    and zero point 64) or j itself with zero point 64 (oneDNN): either computes W t exactly; we map back with
-    y = step * (W t) + (lo + 64 step) * rowsum(W). That is per-token asymmetric 7-bit quantization,
-    about 6 dB short of the simulated symmetric 8-bit one, and the same numbers on either GEMM. With
-    `passes=2` (A16 settings) the rounding residual takes a second pass: ~14-bit activations for twice the
-    GEMM time. At A4 the GEMM takes the codes of the plan's asymmetric 4-bit grid as they are (they fit its
-    7-bit input): y = step * (W codes), the rounding the plan simulates, exactly, in one sweep.
+    and zero point 64) or j itself with zero point 64 (qvla's, oneDNN): either computes W t exactly; we map
+    back with y = step * (W t) + (lo + 64 step) * rowsum(W). That is per-token asymmetric 7-bit quantization,
+    about 6 dB short of the simulated symmetric 8-bit one, and the same numbers on every GEMM (up to the
+    float epilogue's rounding). With `passes=2` (A16 settings) the rounding residual takes a second pass:
+    ~14-bit activations for twice the GEMM time. At A4 the GEMM takes the codes of the plan's asymmetric
+    4-bit grid as they are (they fit its 7-bit input): y = step * (W codes), the rounding the plan
+    simulates, exactly, in one sweep.
     """
 
     LEVELS = 127  # steps between a token's min and max: 128 codes, the kernel's reduced range
@@ -131,8 +179,7 @@ class Int8Kernel:
         self.gemm = gemm or int8_gemm()
         self.name = f"{self.gemm}-int8"
         self.mm = INT8_GEMMS[self.gemm](codes, scale)
-        self.rowsum = codes.float().sum(1) * scale
-        self.nbytes = codes.numel() + 8 * codes.shape[0]  # codes + fp32 scale + fp32 row sum
+        self.nbytes = self.mm.nbytes
 
     def _round(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One pass: -> (t, step, base) with x ~ t * step + base per token, t in [-64, 63]."""
@@ -169,14 +216,9 @@ class Int8Kernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.a4:
             t, step = self._codes4(x)
-            return self.mm(t, full=False).mul_(step)
+            return self.mm.linear(t, step, None, 1)
         t, step, base = self._rounded(x)
-        m = x.shape[0]
-        z = self.mm(t)
-        y = z[:m].mul_(step[:m])  # in place: the epilogue is 2-3 sweeps over (M, N), not 4 per pass
-        for p in range(1, self.passes):
-            y.addcmul_(z[p * m:(p + 1) * m], step[p * m:(p + 1) * m])
-        return y.addcmul_(base.view(self.passes, m, 1).sum(0), self.rowsum)
+        return self.mm.linear(t, step, base.view(self.passes, x.shape[0], 1).sum(0), self.passes)
 
 
 class Int4Kernel:

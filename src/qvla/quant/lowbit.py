@@ -28,6 +28,7 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "lowbit.cpp"
+INT8_SOURCE = SOURCE.with_name("int8_gemm.cpp")  # the int8 GEMM, built into the same module
 CFLAGS, LDFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-fopenmp"]  # how extension() builds it
 
 
@@ -72,7 +73,7 @@ def build(name: str, source: Path = SOURCE, defines: tuple[str, ...] = ()):
     benchmarks build variants of it beside the default one)."""
     from torch.utils.cpp_extension import load
 
-    return load(name=name, sources=[str(source)], extra_cflags=[*CFLAGS, *(f"-D{d}" for d in defines)],
+    return load(name=name, sources=[str(source), str(INT8_SOURCE)], extra_cflags=[*CFLAGS, *(f"-D{d}" for d in defines)],
                 extra_ldflags=LDFLAGS, verbose=False)
 
 

@@ -766,6 +766,11 @@ int64_t lowbit_threads_used() {
   return std::unique(used.begin(), used.end()) - used.begin();
 }
 
+// int8_gemm.cpp, built into the same module
+torch::Tensor int8_pack(torch::Tensor codes);
+torch::Tensor int8_mm(torch::Tensor u, torch::Tensor packed, torch::Tensor scale, torch::Tensor wsum,
+                      torch::Tensor step, torch::Tensor bsum, int64_t passes, int64_t zero);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &lowbit_mm, "x (M, K) fp32 . packed 2/4/8-bit rows (N, K) -> (M, N) fp32 (integer activations, 1-2 passes)",
         py::arg("x"), py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("qmax") = 127,
@@ -778,5 +783,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("u8") = false);
   m.def("dequant", &lowbit_dequant, "packed 2/4/8-bit rows -> fp32 (N, K)");
   m.def("half_mm", &half_mm, "x (M, K) fp32 . fp16 rows (N, K) -> (M, N) fp32, the rows widened in registers");
+  m.def("int8_pack", &int8_pack, "int8 codes (N, K) -> int8_mm's panel layout (flat int8)");
+  m.def("int8_mm", &int8_mm, "uint8 activations (passes * M, K) . packed int8 rows, with Int8Kernel's epilogue -> (M, N) fp32 (AVX-512 VNNI)",
+        py::arg("u"), py::arg("packed"), py::arg("scale"), py::arg("wsum"), py::arg("step"), py::arg("bsum"),
+        py::arg("passes"), py::arg("zero") = 64);
   m.def("threads_used", &lowbit_threads_used, "threads the extension's parallel loops run on");
 }
