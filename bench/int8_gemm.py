@@ -21,6 +21,7 @@ from scale import PREFILL, SHAPES, KVCache, build, spread, timed, write_result  
 
 from qvla import allocator  # noqa: E402
 from qvla.bench import device_info  # noqa: E402
+from qvla.quant.kernels import int8_gemms_here  # noqa: E402
 
 
 def faulted(fn, into: list) -> float:
@@ -35,21 +36,6 @@ def faulted(fn, into: list) -> float:
 TOKENS = (1, 2, 8, 32, PREFILL)
 
 
-def gemms_here() -> list[str]:
-    """The int8 GEMMs this machine can run (int8_gemm() refuses the others)."""
-    from qvla.quant.kernels import INT8_GEMMS, int8_gemm
-
-    here = []
-    for gemm in INT8_GEMMS:
-        os.environ["QVLA_INT8_GEMM"] = gemm
-        try:
-            here.append(int8_gemm())
-        except RuntimeError:
-            pass
-    os.environ.pop("QVLA_INT8_GEMM")
-    return here
-
-
 @torch.no_grad()
 def gemm_table(rounds: int) -> list[dict]:
     """Each GEMM alone (Int8Kernel at A8, one pass) on the decoder's three layer shapes, three distinct layers
@@ -61,7 +47,7 @@ def gemm_table(rounds: int) -> list[dict]:
     for n, k in sorted(set(SHAPES["decoder"].values())):
         codes = [torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8) for _ in range(3)]
         scale = torch.rand(n, generator=g) * 0.01
-        kernels = {gemm: [Int8Kernel(c, scale, gemm=gemm, a_bits=8) for c in codes] for gemm in gemms_here()}
+        kernels = {gemm: [Int8Kernel(c, scale, gemm=gemm, a_bits=8) for c in codes] for gemm in int8_gemms_here()}
         for m in TOKENS:
             x = torch.randn(m, k, generator=g)
             ts = {gemm: [] for gemm in kernels}
@@ -90,7 +76,7 @@ def main(argv=None) -> int:
     allocator.keep_freed_memory()  # freed activations are reused, for every form timed here (qvla.allocator)
     torch.set_flush_denormal(True)
     blocks = {"bf16": (build("decoder", "bf16", {})[0], torch.bfloat16)}
-    for gemm in gemms_here():  # Int8Kernel reads the choice when it is built
+    for gemm in int8_gemms_here():  # Int8Kernel reads the choice when it is built
         os.environ["QVLA_INT8_GEMM"] = gemm
         blocks[f"w8a8-{gemm}"] = (build("decoder", "w8a8", {})[0], torch.float32)
     os.environ.pop("QVLA_INT8_GEMM")

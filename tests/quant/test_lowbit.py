@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvla.quant import lowbit
-from qvla.quant.kernels import (INT8_GEMMS, SMALL_INT8_WEIGHTS, Int4Kernel, Int8Kernel, LowBitKernel, _onednn_int8,
-                                build_kernel, int8_gemm)
+from qvla.quant.kernels import (INT8_GEMMS, SMALL_INT8_WEIGHTS, Int4Kernel, Int8Kernel, LowBitKernel,
+                                build_kernel, int8_gemm, int8_gemms_here)
 
 
 def random_codes(bits: int, n: int, k: int, g: torch.Generator):
@@ -353,8 +353,8 @@ def test_int8_gemm_inputs_rounded_by_the_extension_match_the_torch_fallback(pass
     """Int8Kernel rounds its GEMM's per-token 7-bit input with the extension (one sweep per pass) where it is
     built and with torch ops elsewhere: the same arithmetic, so the same codes on the first pass and the
     same output up to float rounding of the residual (the compiler may fuse its multiply-add)."""
-    if gemm == "onednn" and not _onednn_int8():
-        pytest.skip("this torch has no oneDNN int8 linear")
+    if gemm not in int8_gemms_here():
+        pytest.skip(f"this machine cannot run the {gemm} int8 GEMM")
     g = torch.Generator().manual_seed(passes)
     codes, scale = torch.randint(-127, 128, (40, 300), generator=g), torch.rand(40, generator=g) * 0.01
     kern = Int8Kernel(codes, scale, passes=passes, gemm=gemm)
@@ -364,25 +364,28 @@ def test_int8_gemm_inputs_rounded_by_the_extension_match_the_torch_fallback(pass
     monkeypatch.setattr(lowbit, "available", lambda: False)
     t_torch, step_torch, _ = kern._rounded(x)
     y_torch = kern(x)
-    assert t_ext.dtype == t_torch.dtype == (torch.uint8 if gemm == "onednn" else torch.float32)
+    u8 = INT8_GEMMS[gemm].u8
+    assert t_ext.dtype == t_torch.dtype == (torch.uint8 if u8 else torch.float32)
     assert torch.equal(t_ext[:9], t_torch[:9]) and torch.equal(step_ext[:9], step_torch[:9])
-    t = t_ext.float() - (64 if gemm == "onednn" else 0)
+    t = t_ext.float() - (64 if u8 else 0)
     assert t.min() >= -64 and t.max() <= 63 and t.shape == (passes * 9, 300)
     assert ((y_ext - y_torch).norm() / y_torch.norm()).item() < 1e-5
 
 
-@pytest.mark.skipif(not _onednn_int8(), reason="this torch has no oneDNN int8 linear")
 @pytest.mark.parametrize("passes", [1, 2])
-def test_onednn_and_fbgemm_give_the_same_int8_output(passes):
-    """Both GEMMs get the same integers and compute W t exactly: one output, whichever runs (also for a
-    batch in which no token spans the range, where fbgemm needs a padding row)."""
+def test_every_int8_gemm_gives_the_same_int8_output(passes):
+    """Every GEMM here gets the same integers and computes W t exactly, and qvla's epilogue rounds as the
+    torch ops after the others do: one output, whichever runs (also for a batch in which no token spans the
+    range, where fbgemm needs a padding row)."""
     g = torch.Generator().manual_seed(10 + passes)
     codes, scale = torch.randint(-127, 128, (70, 520), generator=g), torch.rand(70, generator=g) * 0.01
+    gemms = int8_gemms_here()
     for x in (torch.randn(13, 520, generator=g) * 4, torch.full((2, 520), 0.5)):
-        y = {gemm: Int8Kernel(codes, scale, passes=passes, gemm=gemm)(x) for gemm in INT8_GEMMS}
-        assert torch.equal(y["onednn"], y["fbgemm"])
+        y = {gemm: Int8Kernel(codes, scale, passes=passes, gemm=gemm)(x) for gemm in gemms}
+        for gemm in gemms:
+            assert torch.equal(y[gemm], y["fbgemm"]), gemm
         ref = x @ (codes.float() * scale[:, None]).t()
-        assert (y["onednn"] - ref).norm() / ref.norm() < (0.03 if passes == 1 else 1e-3)  # 7 / ~14 bits
+        assert (y["fbgemm"] - ref).norm() / ref.norm() < (0.03 if passes == 1 else 1e-3)  # 7 / ~14 bits
 
 
 def test_int8_gemm_choice_is_checked(monkeypatch):
@@ -393,19 +396,18 @@ def test_int8_gemm_choice_is_checked(monkeypatch):
     assert int8_gemm() == "fbgemm" and Int8Kernel(torch.ones(2, 8), torch.ones(2)).name == "fbgemm-int8"
 
 
-def test_int8_gemm_default_is_onednn_only_where_the_cpu_has_vnni(monkeypatch):
-    """Without VNNI oneDNN's int8 linear is 3-7x slower than fbgemm at 1-8 tokens (bench/int8_gemm.py), so the
-    default follows the CPU."""
-    from qvla.quant import kernels
-
+def test_int8_gemm_default_is_qvlas_only_where_the_cpu_has_vnni_and_the_extension_builds(monkeypatch):
+    """qvla's int8 GEMM is AVX-512 VNNI code; elsewhere fbgemm (oneDNN's int8 linear is 3-7x slower than
+    fbgemm at 1-8 tokens without VNNI: bench/int8_gemm.py), and asking for qvla's there fails loudly."""
     monkeypatch.delenv("QVLA_INT8_GEMM", raising=False)
-    monkeypatch.setattr(kernels, "_onednn_int8", lambda: True)
-    for vnni, want in ((True, "onednn"), (False, "fbgemm")):
+    for vnni, built, want in ((True, True, "qvla"), (False, True, "fbgemm"), (True, False, "fbgemm")):
         monkeypatch.setattr(lowbit, "cpu_has_vnni", lambda v=vnni: v)
+        monkeypatch.setattr(lowbit, "available", lambda b=built: b)
         assert int8_gemm() == want
-    monkeypatch.setattr(kernels, "_onednn_int8", lambda: False)
-    monkeypatch.setattr(lowbit, "cpu_has_vnni", lambda: True)
-    assert int8_gemm() == "fbgemm"
+        assert ("qvla" in int8_gemms_here()) == (want == "qvla")
+    monkeypatch.setenv("QVLA_INT8_GEMM", "qvla")
+    with pytest.raises(RuntimeError, match="needs AVX-512 VNNI"):
+        int8_gemm()
 
 
 @needs_kernel
@@ -414,8 +416,8 @@ def test_int8_kernel_rounds_a8_inputs_on_the_plans_grid_itself(gemm, monkeypatch
     """At A8 the extension puts each token on the plan's symmetric 8-bit grid in the sweep that makes the
     GEMM's input: the same floats as primitives.fake_quant_activation, so the same output as rounding first
     (with the extension and with the torch fallback)."""
-    if gemm == "onednn" and not _onednn_int8():
-        pytest.skip("this torch has no oneDNN int8 linear")
+    if gemm not in int8_gemms_here():
+        pytest.skip(f"this machine cannot run the {gemm} int8 GEMM")
     from qvla.quant.primitives import fake_quant_activation
 
     g = torch.Generator().manual_seed(3)
@@ -439,8 +441,8 @@ def test_int8_kernel_multiplies_the_a4_grids_codes_exactly(gemm, monkeypatch):
     exact product of the fake-quantized input with the dequantized rows (up to fp32 rounding of the
     scales), with the extension's codes and with the torch fallback's, which are the same codes; a token
     holding a NaN or an infinity comes out NaN."""
-    if gemm == "onednn" and not _onednn_int8():
-        pytest.skip("this torch has no oneDNN int8 linear")
+    if gemm not in int8_gemms_here():
+        pytest.skip(f"this machine cannot run the {gemm} int8 GEMM")
     from qvla.quant.primitives import fake_quant_activation
 
     g = torch.Generator().manual_seed(4)

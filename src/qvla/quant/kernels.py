@@ -64,6 +64,12 @@ def int8_gemm() -> str:
     return want
 
 
+def int8_gemms_here() -> list[str]:
+    """The int8 GEMMs this machine can run (QVLA_INT8_GEMM may name any of them)."""
+    return [g for g in INT8_GEMMS if g == "fbgemm" or (g == "onednn" and _onednn_int8())
+            or (g == "qvla" and lowbit.cpu_has_vnni() and lowbit.available())]
+
+
 class _TorchInt8:
     """A torch int8 GEMM computing z = scale_n * (W t) from exact integer input t; `linear` adds
     Int8Kernel's epilogue. Holds the GEMM's weights, the fp32 scales and the fp32 row sums of W."""

@@ -6,9 +6,10 @@
 // Layout (int8_pack): rows in blocks of 16, blocks in panels of 4 (64 rows); within a panel, for each group
 // of 4 inputs, the panel's blocks one after another, each 16 rows x 4 codes (64 bytes). A step of the tile
 // reads 256 contiguous bytes, so one token streams a panel as one run of memory, and many tokens find it in
-// L2 while they pass. The input dimension is padded to a multiple of 4 and the rows to a multiple of 16, with
-// zero codes. A tile is 4 blocks x 6 rows of activations: 24 zmm accumulators, 4 weight loads and 6
-// broadcasts per 24 vpdpbusd.
+// L2 while they pass. The last block holds the rows left over (N mod 16, 4 bytes each per step: no padding
+// rows, so a bucket of any size holds one byte per weight) and is read with a masked load. The input
+// dimension is padded to a multiple of 4 with zero codes. A tile is 4 blocks x 6 rows of activations: 24 zmm
+// accumulators, 4 weight loads and 6 broadcasts per 24 vpdpbusd.
 //
 // On the 7B decoder's layers streamed from memory (AMD EPYC Zen 5, 2 threads, bench/int8_gemm.py) it ran
 // level with oneDNN's int8 GEMM at the prefill's 276 tokens and 10-40 % faster at one token, where oneDNN's
@@ -34,13 +35,15 @@ constexpr int64_t ROWS = 16;   // rows per block: one zmm of int32 sums
 constexpr int64_t PANEL = 4;   // blocks per panel
 constexpr int64_t TOKENS = 6;  // rows of activations per tile (tokens x passes)
 
-// acc[t][j] += u[t][4i .. 4i+3] . block j's 16 rows' codes 4i .. 4i+3 (rows[t] already at 4i)
-template <int TM, int NB>
+// acc[t][j] += u[t][4i .. 4i+3] . block j's rows' codes 4i .. 4i+3 (rows[t] already at 4i); with Tail, the
+// last block holds fewer than 16 rows and is read under `tail` (its bytes).
+template <int TM, int NB, bool Tail>
 QVLA_VNNI inline __attribute__((always_inline)) void step(const uint8_t* const (&rows)[TM], int64_t i,
-                                                          const int8_t* w, __m512i (&acc)[TM][NB]) {
+                                                          const int8_t* w, __mmask64 tail, __m512i (&acc)[TM][NB]) {
   __m512i v[NB];
 #pragma GCC unroll 16
-  for (int j = 0; j < NB; ++j) v[j] = _mm512_loadu_si512(w + j * 64);
+  for (int j = 0; j < NB; ++j)
+    v[j] = Tail && j == NB - 1 ? _mm512_maskz_loadu_epi8(tail, w + j * 64) : _mm512_loadu_si512(w + j * 64);
 #pragma GCC unroll 16
   for (int t = 0; t < TM; ++t) {
     int32_t four;
@@ -51,11 +54,11 @@ QVLA_VNNI inline __attribute__((always_inline)) void step(const uint8_t* const (
   }
 }
 
-// d[t][j * 16 + r] = codes of row 16j + r of the panel . u[t], for TM rows of activations and NB blocks.
-// The loops over the accumulators must unroll completely: GCC 12 otherwise keeps them on the stack, which
-// ran at a third of the speed.
-template <int TM, int NB>
-QVLA_VNNI void tile(const uint8_t* const* u, const int8_t* w, int64_t k4, int32_t* d) {
+// d[t][j * 16 + r] = codes of row 16j + r of the panel . u[t], for TM rows of activations and NB blocks;
+// `stride` bytes of the panel per group of 4 inputs. The loops over the accumulators must unroll completely:
+// GCC 12 otherwise keeps them on the stack, which ran at a third of the speed.
+template <int TM, int NB, bool Tail>
+QVLA_VNNI void tile(const uint8_t* const* u, const int8_t* w, int64_t k4, int64_t stride, __mmask64 tail, int32_t* d) {
   const uint8_t* rows[TM];
 #pragma GCC unroll 16
   for (int t = 0; t < TM; ++t) rows[t] = u[t];
@@ -64,36 +67,52 @@ QVLA_VNNI void tile(const uint8_t* const* u, const int8_t* w, int64_t k4, int32_
   for (int t = 0; t < TM; ++t)
 #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) acc[t][j] = _mm512_setzero_si512();
-  for (int64_t i = 0; i < k4; ++i) step<TM, NB>(rows, i, w + i * NB * 64, acc);
+  for (int64_t i = 0; i < k4; ++i) step<TM, NB, Tail>(rows, i, w + i * stride, tail, acc);
 #pragma GCC unroll 16
   for (int t = 0; t < TM; ++t)
 #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) _mm512_storeu_si512(d + t * PANEL * ROWS + j * ROWS, acc[t][j]);
 }
 
-using TileFn = void (*)(const uint8_t* const*, const int8_t*, int64_t, int32_t*);
-template <int TM>
+using TileFn = void (*)(const uint8_t* const*, const int8_t*, int64_t, int64_t, __mmask64, int32_t*);
+template <int TM, bool Tail>
 struct ByBlocks {
-  static constexpr TileFn f[PANEL + 1] = {nullptr, tile<TM, 1>, tile<TM, 2>, tile<TM, 3>, tile<TM, 4>};
+  static constexpr TileFn f[PANEL + 1] = {nullptr, tile<TM, 1, Tail>, tile<TM, 2, Tail>, tile<TM, 3, Tail>,
+                                          tile<TM, 4, Tail>};
 };
-constexpr const TileFn* TILES[TOKENS + 1] = {nullptr,        ByBlocks<1>::f, ByBlocks<2>::f, ByBlocks<3>::f,
-                                             ByBlocks<4>::f, ByBlocks<5>::f, ByBlocks<6>::f};
+template <bool Tail>
+struct ByTokens {
+  static constexpr const TileFn* f[TOKENS + 1] = {nullptr,                 ByBlocks<1, Tail>::f, ByBlocks<2, Tail>::f,
+                                                  ByBlocks<3, Tail>::f, ByBlocks<4, Tail>::f, ByBlocks<5, Tail>::f,
+                                                  ByBlocks<6, Tail>::f};
+};
+
+// Where panel p's rows start in the layout, its blocks, and its bytes per group of 4 inputs.
+struct Panel {
+  int64_t offset, blocks, stride, tail_rows;
+};
+inline Panel panel_of(int64_t p, int64_t n, int64_t k4) {
+  const int64_t r0 = p * PANEL * ROWS, rows = std::min(PANEL * ROWS, n - r0);
+  const int64_t blocks = (rows + ROWS - 1) / ROWS, tail_rows = rows % ROWS;
+  return {r0 * k4 * 4, blocks, rows * 4, tail_rows};
+}
 
 }  // namespace
 
-// codes (N, K) int8 -> the layout above, flat: ceil(N / 16) * ceil(K / 4) * 64 int8.
+// codes (N, K) int8 -> the layout above, flat: N * ceil(K / 4) * 4 int8.
 torch::Tensor int8_pack(torch::Tensor codes) {
   TORCH_CHECK(codes.dtype() == torch::kInt8 && codes.dim() == 2, "int8_pack: codes must be 2-D int8");
   codes = codes.contiguous();
-  const int64_t n = codes.size(0), k = codes.size(1), blocks = (n + ROWS - 1) / ROWS, k4 = (k + 3) / 4;
-  auto out = torch::zeros({blocks * k4 * 64}, codes.options());
+  const int64_t n = codes.size(0), k = codes.size(1), k4 = (k + 3) / 4;
+  auto out = torch::zeros({n * k4 * 4}, codes.options());
   const int8_t* c = codes.data_ptr<int8_t>();
   int8_t* o = out.data_ptr<int8_t>();
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / ROWS, panel = b / PANEL, nb = std::min(PANEL, blocks - panel * PANEL);
-      int8_t* base = o + panel * PANEL * k4 * 64 + (b % PANEL) * 64 + (r % ROWS) * 4;
-      for (int64_t j = 0; j < k; ++j) base[(j / 4) * nb * 64 + j % 4] = c[r * k + j];
+      const Panel pa = panel_of(r / (PANEL * ROWS), n, k4);
+      const int64_t within = r % (PANEL * ROWS);  // row within the panel: block within / 16, lane within % 16
+      int8_t* base = o + pa.offset + within * 4;
+      for (int64_t j = 0; j < k; ++j) base[(j / 4) * pa.stride + j % 4] = c[r * k + j];
     }
   });
   return out;
@@ -112,10 +131,10 @@ torch::Tensor int8_mm(torch::Tensor u, torch::Tensor packed, torch::Tensor scale
   TORCH_CHECK(packed.dtype() == torch::kInt8 && packed.dim() == 1 && packed.is_contiguous(),
               "int8_mm: packed must be int8_pack's flat int8 tensor");
   const int64_t n = scale.numel(), m = u.size(0) / passes, k = u.size(1), k4 = (k + 3) / 4;
-  const int64_t blocks = (n + ROWS - 1) / ROWS, panels = (blocks + PANEL - 1) / PANEL;
+  const int64_t panels = (n + PANEL * ROWS - 1) / (PANEL * ROWS);
   TORCH_CHECK(k <= 65536, "int8_mm: K must be at most 65536 (int32 sums), got ", k);
-  TORCH_CHECK(packed.numel() == blocks * k4 * 64, "int8_mm: packed holds ", packed.numel(), " codes, not the ",
-              blocks * k4 * 64, " of ", n, " rows x ", k, " inputs");
+  TORCH_CHECK(packed.numel() == n * k4 * 4, "int8_mm: packed holds ", packed.numel(), " codes, not the ",
+              n * k4 * 4, " of ", n, " rows x ", k, " inputs");
   TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() && wsum.dtype() == torch::kInt32 &&
               wsum.is_contiguous() && wsum.numel() == n, "int8_mm: scale (N) fp32 and wsum (N) int32, contiguous");
   TORCH_CHECK(step.dtype() == torch::kFloat32 && step.numel() == passes * m, "int8_mm: step must be (passes * M) fp32");
@@ -142,12 +161,15 @@ torch::Tensor int8_mm(torch::Tensor u, torch::Tensor packed, torch::Tensor scale
     int32_t d[TOKENS * PANEL * ROWS];
     const uint8_t* rows[TOKENS];
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t nb = std::min(PANEL, blocks - p * PANEL), r0 = p * PANEL * ROWS, r1 = std::min(n, r0 + nb * ROWS);
+      const Panel pa = panel_of(p, n, k4);
+      const int64_t r0 = p * PANEL * ROWS, r1 = std::min(n, r0 + PANEL * ROWS);
+      const TileFn* const* tiles = pa.tail_rows ? ByTokens<true>::f : ByTokens<false>::f;
+      const __mmask64 tail = pa.tail_rows ? (__mmask64{1} << (4 * pa.tail_rows)) - 1 : 0;
       for (int64_t t0 = 0; t0 < m; t0 += per_tile) {
         const int64_t tm = std::min(per_tile, m - t0);
         for (int64_t q = 0; q < passes; ++q)
           for (int64_t t = 0; t < tm; ++t) rows[q * tm + t] = up + (q * m + t0 + t) * ldu;
-        TILES[passes * tm][nb](rows, wp + p * PANEL * k4 * 64, k4, d);
+        tiles[passes * tm][pa.blocks](rows, wp + pa.offset, k4, pa.stride, tail, d);
         for (int64_t t = 0; t < tm; ++t) {
           float* out = yp + (t0 + t) * n;
           for (int64_t r = r0; r < r1; ++r) {

@@ -1,0 +1,75 @@
+"""qvla's int8 GEMM (csrc/int8_gemm.cpp): exact integer products on every tile shape, the epilogue's
+arithmetic, and loud refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qvla.quant import lowbit
+from qvla.quant.kernels import Int8Kernel, int8_gemms_here
+
+pytestmark = pytest.mark.skipif("qvla" not in int8_gemms_here(), reason="needs AVX-512 VNNI and the extension")
+
+
+def mm(u, codes, scale=None, step=None, bsum=None, passes=1, zero=0):
+    ext = lowbit.extension()
+    n = codes.shape[0]
+    scale = torch.ones(n) if scale is None else scale
+    step = torch.ones(u.shape[0]) if step is None else step
+    return ext.int8_mm(u, ext.int8_pack(codes), scale, codes.sum(1, dtype=torch.int32), step,
+                       torch.empty(0) if bsum is None else bsum, passes, zero)
+
+
+@pytest.mark.parametrize("n, k", [(1, 4), (15, 7), (16, 64), (17, 130), (63, 256), (64, 255), (65, 4), (200, 1001)])
+@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13])
+def test_integer_products_are_exact_on_every_tail(n, k, m):
+    """Rows not a multiple of 16 or of a 64-row panel, inputs not a multiple of 4, and token counts that end
+    a tile early: codes over the whole int8 range times uint8 activations over the whole uint8 range, with
+    a zero point, give the integer dot products exactly (as floats)."""
+    g = torch.Generator().manual_seed(n * 1000 + k + m)
+    codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    u = torch.randint(0, 256, (m, k), generator=g, dtype=torch.uint8)
+    want = u.long() @ codes.long().t() - 64 * codes.long().sum(1)
+    assert torch.equal(mm(u, codes, zero=64), want.float())
+
+
+def test_two_passes_and_the_base_follow_the_epilogue():
+    """With two passes each output is step_0 z_0 + step_1 z_1 + bsum * scale * rowsum, z_p the scaled
+    integer products of pass p's rows (rows m..2m-1 of u), for every token of a tile holding 3 tokens."""
+    g = torch.Generator().manual_seed(1)
+    n, k, m = 70, 96, 7
+    codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    u = torch.randint(0, 128, (2 * m, k), generator=g, dtype=torch.uint8)
+    scale, step, bsum = torch.rand(n, generator=g), torch.rand(2 * m, generator=g), torch.randn(m, generator=g)
+    z = (u.double() - 64) @ codes.double().t() * scale.double()
+    want = z[:m] * step[:m, None].double() + z[m:] * step[m:, None].double()
+    want += bsum.double()[:, None] * (codes.double().sum(1) * scale.double())
+    y = mm(u, codes, scale, step, bsum, passes=2, zero=64)
+    assert y.shape == (m, n) and torch.allclose(y.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_kernel_holds_the_packed_codes_and_two_words_a_row():
+    """Int8Kernel on qvla's GEMM holds the codes at one byte each (inputs padded to 4, no padding rows) plus
+    an fp32 scale and an int32 row sum per row."""
+    kern = Int8Kernel(torch.randint(-127, 128, (40, 30)), torch.ones(40), gemm="qvla")
+    assert kern.nbytes == 40 * 32 + 8 * 40
+    assert kern.mm.packed.numel() == 40 * 32
+
+
+def test_wrong_inputs_are_refused():
+    ext = lowbit.extension()
+    codes = torch.zeros(20, 8, dtype=torch.int8)
+    packed, ones, wsum = ext.int8_pack(codes), torch.ones(20), torch.zeros(20, dtype=torch.int32)
+    u = torch.zeros(3, 8, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="packed holds"):
+        ext.int8_mm(u, packed[:-4], ones, wsum, torch.ones(3), torch.empty(0), 1, 64)
+    with pytest.raises(RuntimeError, match="u must be 2-D uint8"):
+        ext.int8_mm(u.float(), packed, ones, wsum, torch.ones(3), torch.empty(0), 1, 64)
+    with pytest.raises(RuntimeError, match="passes x M rows"):
+        ext.int8_mm(u, packed, ones, wsum, torch.ones(3), torch.empty(0), 2, 64)
+    with pytest.raises(RuntimeError, match="step must be"):
+        ext.int8_mm(u, packed, ones, wsum, torch.ones(2), torch.empty(0), 1, 64)
+    with pytest.raises(RuntimeError, match="K must be at most 65536"):
+        wide = torch.zeros(1, 65540, dtype=torch.int8)
+        ext.int8_mm(torch.zeros(1, 65540, dtype=torch.uint8), ext.int8_pack(wide), torch.ones(1),
+                    torch.zeros(1, dtype=torch.int32), torch.ones(1), torch.empty(0), 1, 64)
