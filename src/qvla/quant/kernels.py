@@ -28,10 +28,11 @@ from qvla.quant import lowbit
 from qvla.quant.primitives import activation_grid, fake_quant_activation
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel accepts
-# 8-bit buckets up to this many weights run on qvla's kernel, larger ones on the int8 GEMM (int8_gemm()). fbgemm
-# and oneDNN cost a fixed ~0.08-0.12 ms a call here (AMD EPYC, 2 threads), qvla's kernel 0.005 ms on a 384x128
-# bucket at one token, and still less at 256 tokens; on a 4096x4096 layer they tie at one token (all stream
-# the int8 rows at memory speed) and the GEMMs are ~1.4x faster from 48 tokens (bench/lowbit_tokens.py).
+# 8-bit buckets up to this many weights run on qvla's low-bit kernel, whose activations are the plan's own grid
+# (the int8 GEMMs' are 7-bit per token), larger ones on the int8 GEMM (int8_gemm()). fbgemm and oneDNN cost a
+# fixed ~0.08-0.12 ms a call here (AMD EPYC, 2 threads), the low-bit kernel 0.005 ms on a 384x128 bucket at one
+# token, and still less at 256 tokens; on a 4096x4096 layer they tie at one token (all stream the int8 rows at
+# memory speed) and the GEMMs are ~1.4x faster from 48 tokens (bench/lowbit_tokens.py).
 SMALL_INT8_WEIGHTS = 1 << 20
 
 
