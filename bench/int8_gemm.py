@@ -1,8 +1,10 @@
 """The int8 GEMMs Int8Kernel can run here (qvla's, oneDNN's, fbgemm's) against bf16 on one 7B-shaped decoder layer,
 measured interleaved in one process: every round times each form once at the prefill (256 image + 20
-prompt tokens) and at a one-token decode step, so drift of the machine hits all of them alike.
+prompt tokens) and at a one-token decode step, in another order each round, so drift of the machine hits all
+of them alike; then each GEMM alone per token count, interleaved the same way.
 
     python bench/int8_gemm.py --rounds 15 --out results/scale/int8-gemm-avx512.json   # AVX-512 VNNI CPU
+    python bench/int8_gemm.py --rounds 15 --pairs 150 --out results/scale/int8-gemm-zen5-qvla-run4.json  # Zen 5
     python bench/int8_gemm.py --rounds 9 --out results/scale/int8-gemm-avx2.json      # AVX2 CPU
 """
 from __future__ import annotations
@@ -51,13 +53,35 @@ def gemm_table(rounds: int) -> list[dict]:
         for m in TOKENS:
             x = torch.randn(m, k, generator=g)
             ts = {gemm: [] for gemm in kernels}
-            for _ in range(rounds):
-                for gemm, ks in kernels.items():
+            gemms = list(kernels)
+            for r in range(rounds):
+                for gemm in gemms[r % len(gemms):] + gemms[:r % len(gemms)]:
+                    ks = kernels[gemm]
                     ts[gemm].append(timed(lambda: [kern(x) for kern in ks]) / len(ks))
             row = {"layer": f"{n}x{k}", "tokens": m, **{gemm: statistics.median(v) for gemm, v in ts.items()}}
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
     return rows
+
+
+def decode_pairs(blocks: dict, caches: dict, one: torch.Tensor, n: int) -> dict:
+    """One decode step of each form after another, n times (in another order each time), so neighbouring steps
+    share the machine's state: the per-pass ratio of bf16's step to each form's, and of each int8 GEMM's to
+    the first one's, is a paired measure a drifting memory speed hardly moves. -> {"ms": {form: [ms]},
+    "summary": {"vs_bf16": {form: spread}, "vs_<first GEMM>": {form: spread}}}."""
+    names = list(blocks)
+    ms = {name: [] for name in names}
+    for i in range(n):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            block, dtype = blocks[name]
+            xo = one.to(dtype)
+            ms[name].append(timed(lambda: block(xo, caches[name].fork())))
+    steps = [{name: ms[name][i] for name in names} for i in range(n)]
+    first = next(name for name in names if name != "bf16")
+    ratio = lambda num, den: spread([{"decode": s[num]} for s in steps], [{"decode": s[den]} for s in steps])["decode"]
+    return {"ms": ms, "summary": {"vs_bf16": {name: ratio("bf16", name) for name in names if name != "bf16"},
+                                  f"vs_{first}": {name: ratio(name, first) for name in names
+                                                  if name not in ("bf16", first)}}}
 
 
 def by_round(t: dict[str, list[float]]) -> list[dict[str, float]]:
@@ -70,6 +94,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--pairs", type=int, default=100, help="back-to-back decode steps per form (decode_pairs)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -89,8 +114,10 @@ def main(argv=None) -> int:
         block(x.to(dtype), caches[name])  # warm-up and the KV cache the decode steps read
     times = {name: {"prefill": [], "decode": []} for name in blocks}
     faults = {name: [] for name in blocks}  # per prefill
+    names = list(blocks)
     for r in range(a.rounds):
-        for name, (block, dtype) in blocks.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:  # another order each round
+            block, dtype = blocks[name]
             xp, xo = x.to(dtype), one.to(dtype)
             times[name]["prefill"].append(faulted(lambda: block(xp, KVCache()), faults[name]))
             times[name]["decode"].append(statistics.median(timed(lambda: block(xo, caches[name].fork()))
@@ -98,15 +125,16 @@ def main(argv=None) -> int:
         print(r, {n: {k: round(v[-1], 1) for k, v in t.items()} for n, t in times.items()}, file=sys.stderr,
               flush=True)
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+    pairs = decode_pairs(blocks, caches, one, a.pairs)
     del blocks, caches
     gemms = gemm_table(a.rounds)
-    result = {"device": {**device_info(a.threads), "int8_gemm": "both (this benchmark compares them)"},
+    result = {"device": {**device_info(a.threads), "int8_gemm": "every one here (this benchmark compares them)"},
               "layer": "decoder", "prefill_tokens": PREFILL, "rounds": a.rounds, "median_ms": med,
               "vs_bf16": {n: {k: med["bf16"][k] / v for k, v in m.items()} for n, m in med.items() if n != "bf16"},
               "rounds_vs_bf16": {n: spread(by_round(times["bf16"]), by_round(t)) for n, t in times.items() if n != "bf16"},
               "prefill_page_faults": {n: statistics.median(v) for n, v in faults.items()},
-              "gemm_ms": gemms, "rounds_ms": times}
-    write_result(a.out, result, ("median_ms", "vs_bf16", "rounds_vs_bf16", "prefill_page_faults"))
+              "decode_pairs": pairs["summary"], "gemm_ms": gemms, "rounds_ms": times, "pairs_ms": pairs["ms"]}
+    write_result(a.out, result, ("median_ms", "vs_bf16", "rounds_vs_bf16", "decode_pairs", "prefill_page_faults"))
     return 0
 
 
