@@ -35,6 +35,7 @@ from scale import (FOLDS, LAYERS, PREFILL, SHAPES, Block, cases, control_step, l
                    make_linears, model_bytes, random_plan, uniform, write_result)
 
 from qvla.quant.apply import QuantLinear  # noqa: E402
+from qvla.quant.kernels import round_up  # noqa: E402
 from qvla.quant.packed import BUCKET_ORDER, bucket_order  # noqa: E402
 from qvla.quant.storage import bucket_codes, dequantize_storage, permute_inputs  # noqa: E402
 
@@ -57,10 +58,6 @@ def _pad(t: torch.Tensor, rows: int, cols: int, value=0) -> torch.Tensor:
     return F.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]), value=value)
 
 
-def _up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
-
-
 INT4_OPS = {  # device type -> (pack (n, k) codes in [0, 15], mm)
     "cuda": (lambda q: torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8),
              torch._weight_int4pack_mm),
@@ -74,12 +71,12 @@ class Int4Rows:
 
     def __init__(self, codes, scale, zero, device) -> None:
         n, k = codes.shape
-        self.n, self.kp = n, _up(k, 128)
+        self.n, self.kp = n, round_up(k, 128)
         self.group = next(g for g in GROUPS if self.kp % g == 0)
         pack, self.mm = INT4_OPS[device.type]
-        self.packed = pack(_pad(codes.long(), _up(n, 16), self.kp, 8).to(device))
+        self.packed = pack(_pad(codes.long(), round_up(n, 16), self.kp, 8).to(device))
         sz = torch.stack([scale.float(), (8 - zero.float()) * scale.float()], -1)
-        sz = _pad(sz, _up(n, 16), 2)
+        sz = _pad(sz, round_up(n, 16), 2)
         self.sz = sz[None].expand(self.kp // self.group, -1, -1).contiguous().to(device, torch.bfloat16)
         self.nbytes = self.packed.numel() * self.packed.element_size() + self.sz.numel() * 2
 
@@ -128,9 +125,9 @@ class Int8A8Rows:
     def __init__(self, codes, scale, device) -> None:
         n, k = codes.shape
         self.n = n
-        self.wt = _pad(codes.to(torch.int8), _up(n, 8), _up(k, 8)).to(device).t()  # (K, N), column-major
+        self.wt = _pad(codes.to(torch.int8), round_up(n, 8), round_up(k, 8)).to(device).t()  # (K, N), column-major
         self.s = scale.float().to(device)
-        self.s = F.pad(self.s, (0, _up(n, 8) - n))
+        self.s = F.pad(self.s, (0, round_up(n, 8) - n))
         self.nbytes = n * k + n * 4
         self.min_rows = 17 if device.type == "cuda" else 1
 

@@ -36,7 +36,8 @@ INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel accepts
 SMALL_INT8_WEIGHTS = 1 << 20
 
 
-def _ceil(n: int, m: int) -> int:
+def round_up(n: int, m: int) -> int:
+    """n rounded up to a multiple of m."""
     return (n + m - 1) // m * m
 
 
@@ -244,7 +245,7 @@ class Int4Kernel:
         fits = (shifted.amin(1) >= 0) & (shifted.amax(1) <= 15)
         codes = torch.where(fits[:, None], shifted, codes.long())
         zero = torch.where(fits, torch.full_like(zero.float(), 8.0), zero.float())
-        n16, k32 = _ceil(n, 16), _ceil(k, 32)
+        n16, k32 = round_up(n, 16), round_up(k, 32)
         q = torch.zeros(n16, k32, dtype=torch.int32)
         q[:n, :k] = codes.to(torch.int32)
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -282,7 +283,7 @@ class LowBitKernel:
         self.asym = a_bits == 4  # primitives.activation_grid
         self.rounds_input = a_bits <= 8
         k = codes.shape[1]
-        self.pad = _ceil(k, lowbit.block_codes(bits)) - k
+        self.pad = round_up(k, lowbit.block_codes(bits)) - k
         # 8-bit codes are signed (symmetric grid): the kernel reads their bytes as int8
         codes = codes.to(torch.int8).view(torch.uint8) if bits == 8 else codes.to(torch.uint8)
         self.packed = lowbit.block_pack(F.pad(codes, (0, self.pad)), bits)
