@@ -99,6 +99,8 @@ inline Panel panel_of(int64_t p, int64_t n, int64_t k4) {
 
 }  // namespace
 
+int64_t best_isa();  // lowbit.cpp: 512 where the CPU has AVX-512 VNNI
+
 // codes (N, K) int8 -> the layout above, flat: N * ceil(K / 4) * 4 int8.
 torch::Tensor int8_pack(torch::Tensor codes) {
   TORCH_CHECK(codes.dtype() == torch::kInt8 && codes.dim() == 2, "int8_pack: codes must be 2-D int8");
@@ -125,6 +127,7 @@ torch::Tensor int8_pack(torch::Tensor codes) {
 // the arithmetic of Int8Kernel's epilogue over a torch GEMM, in its order.
 torch::Tensor int8_mm(torch::Tensor u, torch::Tensor packed, torch::Tensor scale, torch::Tensor wsum,
                       torch::Tensor step, torch::Tensor bsum, int64_t passes, int64_t zero) {
+  TORCH_CHECK(best_isa() == 512, "int8_mm: this CPU has no AVX-512 VNNI");
   TORCH_CHECK(u.dtype() == torch::kUInt8 && u.dim() == 2, "int8_mm: u must be 2-D uint8");
   TORCH_CHECK(passes == 1 || passes == 2, "int8_mm: passes must be 1 or 2, got ", passes);
   TORCH_CHECK(u.size(0) % passes == 0, "int8_mm: u must hold passes x M rows");
