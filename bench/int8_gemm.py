@@ -1,7 +1,8 @@
 """The int8 GEMMs Int8Kernel can run here (qvla's, oneDNN's, fbgemm's) against bf16 on one 7B-shaped decoder layer,
 measured interleaved in one process: every round times each form once at the prefill (256 image + 20
 prompt tokens) and at a one-token decode step, in another order each round, so drift of the machine hits all
-of them alike; then each GEMM alone per token count, interleaved the same way.
+of them alike; then `--pairs` back-to-back decode steps of every form (decode_pairs: per-pass ratios, which a
+drifting memory speed hardly moves); then each GEMM alone per token count, interleaved the same way.
 
     python bench/int8_gemm.py --rounds 15 --out results/scale/int8-gemm-avx512.json   # AVX-512 VNNI CPU
     python bench/int8_gemm.py --rounds 15 --pairs 150 --out results/scale/int8-gemm-zen5-qvla-run4.json  # Zen 5
