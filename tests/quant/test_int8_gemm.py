@@ -1,12 +1,13 @@
 """qvla's int8 GEMM (csrc/int8_gemm.cpp): exact integer products on every tile shape, the epilogue's
-arithmetic, and loud refusals."""
+arithmetic, its input on the plan's own grid, and loud refusals."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from qvla.quant import lowbit
-from qvla.quant.kernels import Int8Kernel, int8_gemms_here
+from qvla.quant.kernels import Int8Kernel, LowBitKernel, int8_gemms_here
+from qvla.quant.primitives import fake_quant_activation
 
 pytestmark = pytest.mark.skipif("qvla" not in int8_gemms_here(), reason="needs AVX-512 VNNI and the extension")
 
@@ -73,3 +74,50 @@ def test_wrong_inputs_are_refused():
         wide = torch.zeros(1, 65540, dtype=torch.int8)
         ext.int8_mm(torch.zeros(1, 65540, dtype=torch.uint8), ext.int8_pack(wide), torch.ones(1),
                     torch.zeros(1, dtype=torch.int32), torch.ones(1), torch.empty(0), 1, 64)
+
+
+def hard_tokens(m: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.rand(1, k, generator=g) * 5
+    x[1] = 0.0  # silent: the grid's floor
+    x[2, 0] = 300.0  # one outlier channel
+    return x
+
+
+@pytest.mark.parametrize("k", [37, 256, 4096])
+def test_a8_input_is_the_plans_own_rounding(k):
+    """At A8 each token goes in on the plan's symmetric 8-bit grid itself (code + 128, zero point 128): the
+    output is the exact product of the fake-quantized input with the dequantized rows, to fp32 rounding, where
+    the 7-bit input of the torch GEMMs is ~1-2% away from it."""
+    g = torch.Generator().manual_seed(k)
+    codes, scale = torch.randint(-127, 128, (70, k), generator=g), torch.rand(70, generator=g) * 0.01
+    x = hard_tokens(9, k, k)
+    u, step = lowbit.extension().round_sym8(x, 1)
+    assert torch.equal((u.float() - 128) * step, fake_quant_activation(x, 8))
+    want = fake_quant_activation(x, 8).double() @ (codes.double() * scale.double()[:, None]).t()
+    y = Int8Kernel(codes, scale, gemm="qvla", a_bits=8)(x)
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("a_bits", [8, 16])
+def test_every_8bit_row_sees_the_same_activations(a_bits):
+    """Large 8-bit buckets (this GEMM) and small ones (the low-bit kernel's 8-bit rows) round a token alike: one
+    pass on the plan's grid at A8, two at A16 (~15-bit), so their outputs agree to fp32 rounding."""
+    g = torch.Generator().manual_seed(a_bits)
+    codes, scale = torch.randint(-127, 128, (50, 512), generator=g), torch.rand(50, generator=g) * 0.01
+    x = hard_tokens(7, 512, a_bits)
+    big = Int8Kernel(codes, scale, passes=2 if a_bits == 16 else 1, gemm="qvla", a_bits=a_bits)(x)
+    small = LowBitKernel(codes, scale, torch.zeros(50), 8, a_bits)(x)
+    assert torch.allclose(big, small, rtol=1e-5, atol=1e-6 * float(small.abs().max()))
+    ref = x.double() @ (codes.double() * scale.double()[:, None]).t()
+    if a_bits == 16:  # two passes: ~15-bit activations (255 x 127 steps), here with a 300x outlier channel
+        assert ((big.double() - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_a_token_holding_nan_or_inf_comes_out_nan():
+    codes, scale = torch.randint(-127, 128, (20, 64)), torch.ones(20)
+    x = torch.randn(4, 64)
+    x[1, 3], x[2, 5] = float("nan"), float("inf")
+    for a_bits, passes in ((8, 1), (16, 2)):
+        y = Int8Kernel(codes, scale, passes=passes, gemm="qvla", a_bits=a_bits)(x)
+        assert torch.isnan(y[1:3]).all() and torch.isfinite(y[[0, 3]]).all()

@@ -347,7 +347,7 @@ def test_isa_refuses_an_unknown_or_missing_instruction_set(monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("gemm", sorted(INT8_GEMMS))
+@pytest.mark.parametrize("gemm", ["onednn", "fbgemm"])
 @pytest.mark.parametrize("passes", [1, 2])
 def test_int8_gemm_inputs_rounded_by_the_extension_match_the_torch_fallback(passes, gemm, monkeypatch):
     """Int8Kernel rounds its GEMM's per-token 7-bit input with the extension (one sweep per pass) where it is
@@ -373,13 +373,12 @@ def test_int8_gemm_inputs_rounded_by_the_extension_match_the_torch_fallback(pass
 
 
 @pytest.mark.parametrize("passes", [1, 2])
-def test_every_int8_gemm_gives_the_same_int8_output(passes):
-    """Every GEMM here gets the same integers and computes W t exactly, and qvla's epilogue rounds as the
-    torch ops after the others do: one output, whichever runs (also for a batch in which no token spans the
-    range, where fbgemm needs a padding row)."""
+def test_the_torch_int8_gemms_give_the_same_int8_output(passes):
+    """oneDNN's and fbgemm's GEMMs get the same 7-bit integers and compute W t exactly: one output, whichever
+    runs (also for a batch in which no token spans the range, where fbgemm needs a padding row)."""
     g = torch.Generator().manual_seed(10 + passes)
     codes, scale = torch.randint(-127, 128, (70, 520), generator=g), torch.rand(70, generator=g) * 0.01
-    gemms = int8_gemms_here()
+    gemms = [gemm for gemm in int8_gemms_here() if gemm in ("onednn", "fbgemm")]
     for x in (torch.randn(13, 520, generator=g) * 4, torch.full((2, 520), 0.5)):
         y = {gemm: Int8Kernel(codes, scale, passes=passes, gemm=gemm)(x) for gemm in gemms}
         for gemm in gemms:
@@ -411,7 +410,7 @@ def test_int8_gemm_default_is_qvlas_only_where_the_cpu_has_vnni_and_the_extensio
 
 
 @needs_kernel
-@pytest.mark.parametrize("gemm", sorted(INT8_GEMMS))
+@pytest.mark.parametrize("gemm", ["onednn", "fbgemm"])
 def test_int8_kernel_rounds_a8_inputs_on_the_plans_grid_itself(gemm, monkeypatch):
     """At A8 the extension puts each token on the plan's symmetric 8-bit grid in the sweep that makes the
     GEMM's input: the same floats as primitives.fake_quant_activation, so the same output as rounding first

@@ -6,7 +6,7 @@ reports the bytes it holds, and maps (M, K) float32 activations to (M, rows) flo
 | bucket  | kernel                                                  | held in memory        | activations |
 |---------|---------------------------------------------------------|-----------------------|-------------|
 | 8 bits  | qvla's AVX2/VNNI kernel (lowbit.py) for buckets of up to SMALL_INT8_WEIGHTS weights | int8 + fp32 scale | the plan's grid (A8, A4); int8 x 2 passes (A16) |
-| 8 bits  | else qvla's int8 GEMM (AVX-512 VNNI; else fbgemm's, see int8_gemm()) | int8 + fp32 scale | 7-bit per token (see Int8Kernel); A4: the grid's codes |
+| 8 bits  | else qvla's int8 GEMM (AVX-512 VNNI; else fbgemm's, see int8_gemm()) | int8 + fp32 scale | qvla's: the plan's grid (A8, A4), two int8 passes (A16); torch's: 7-bit per token (see Int8Kernel); A4: the grid's codes |
 | 4, 2    | qvla's AVX2/VNNI low-bit kernel (lowbit.py), where it builds | 4 or 2 bits + fp32 scale/zero | the plan's grid (A8, A4); int8 x 2 passes (A16) |
 | 4, 2    | else torch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu) | 4 bits + bf16 scale/zero per group | bf16 |
 | 16      | fp16 rows widened in registers (lowbit.py half_mm) at <= 4 tokens and K >= 1024, else upcast per call for the float GEMM | fp16 | fp32 |
@@ -132,11 +132,14 @@ class _OneDnn(_TorchInt8):
 
 
 class _Qvla:
-    """qvla's int8 GEMM (csrc/int8_gemm.cpp, AVX-512 VNNI) on uint8 u = t + 64, with the epilogue in the
-    same pass: no (M, N) intermediate. Holds the codes in its panel layout (N padded to 16 rows, K to 4), the
-    fp32 scales and the int32 row sums of the codes (the zero point's term and the base's)."""
+    """qvla's int8 GEMM (csrc/int8_gemm.cpp, AVX-512 VNNI) on uint8 codes + a zero point, with the epilogue in
+    the same pass: no (M, N) intermediate. Its VNNI products take any uint8, so it is fed the plan's own
+    symmetric 8-bit grid (codes + 128: `round`), exactly the simulated rounding at A8, ~15-bit in two passes at
+    A16, and the A4 grid's codes + 64. Holds the codes in its panel layout (K padded to 4), the fp32 scales and
+    the int32 row sums of the codes (the zero point's term)."""
 
     u8 = True
+    grid = "symmetric"  # Int8Kernel hands it round()'s codes, not the 7-bit per-token input of the torch GEMMs
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
         self.ext = lowbit.extension()
@@ -146,11 +149,16 @@ class _Qvla:
         self.wsum = codes.sum(1, dtype=torch.int32)
         self.nbytes = self.packed.numel() + 8 * codes.shape[0]
 
-    def linear(self, u: torch.Tensor, step: torch.Tensor, bsum: torch.Tensor | None, passes: int) -> torch.Tensor:
-        """As _TorchInt8.linear."""
+    def round(self, x: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (u (passes * M, K) uint8 code + 128, step (passes * M, 1)): the plan's symmetric 8-bit grid."""
+        return tuple(self.ext.round_sym8(x.contiguous(), passes))
+
+    def linear(self, u: torch.Tensor, step: torch.Tensor, bsum: torch.Tensor | None, passes: int,
+               zero: int = 64) -> torch.Tensor:
+        """sum_p step_p * (W (u_p - zero)) * scale (+ bsum * rowsum), as _TorchInt8.linear."""
         none = torch.empty(0)
         return self.ext.int8_mm(u, self.packed, self.scale, self.wsum, step.reshape(-1),
-                                none if bsum is None else bsum.reshape(-1), passes, 64)
+                                none if bsum is None else bsum.reshape(-1), passes, zero)
 
 
 INT8_GEMMS = {"qvla": _Qvla, "onednn": _OneDnn, "fbgemm": _Fbgemm}
@@ -158,6 +166,11 @@ INT8_GEMMS = {"qvla": _Qvla, "onednn": _OneDnn, "fbgemm": _Fbgemm}
 
 class Int8Kernel:
     """An int8 GEMM (qvla's, oneDNN's or fbgemm's, see int8_gemm()) fed integers so that its rounding is exact.
+
+    qvla's GEMM takes any uint8 input, so it gets each token on the plan's symmetric 8-bit grid (code + 128):
+    at A8 the rounding the plan simulates, exactly; at A16 two passes, the second on the first one's residual
+    (~15-bit), the rounding of the low-bit kernel's 8-bit rows, so every 8-bit row of a model sees the same
+    activations whatever its bucket's size. The torch GEMMs take 7 bits (below), and so get their own rounding:
 
     fbgemm quantizes its input per tensor (uint8, reduced to 7 bits): used as is, it loses 10-15 dB of
     output SQNR on a transformer MLP here. We quantize each token ourselves to 128 levels between its own
@@ -225,6 +238,9 @@ class Int8Kernel:
         if self.a4:
             t, step = self._codes4(x)
             return self.mm.linear(t, step, None, 1)
+        if getattr(self.mm, "grid", None) == "symmetric":
+            u, step = self.mm.round(x, self.passes)
+            return self.mm.linear(u, step, None, self.passes, zero=128)
         t, step, base = self._rounded(x)
         return self.mm.linear(t, step, base.view(self.passes, x.shape[0], 1).sum(0), self.passes)
 

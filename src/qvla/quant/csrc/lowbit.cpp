@@ -736,6 +736,40 @@ std::vector<torch::Tensor> round_a4(torch::Tensor x, bool u8) {
   return {t, step};
 }
 
+// qvla's int8 GEMM's input (kernels.Int8Kernel on int8_gemm.cpp): each token on the plan's symmetric 8-bit grid in
+// one pass (A8: step = max(max|x|, 1e-8) / 127, codes clamp(round(x / step), -127, 127), the rounding of
+// primitives.fake_quant_activation), or two (A16: the second rounds the first one's residual, as lowbit_mm's
+// passes do: ~15-bit), with round_to_int8, the low-bit kernel's own rounding. Codes go out as uint8 code + 128
+// (the GEMM's unsigned operand, zero point 128). -> (u (passes * M, K), step (passes * M, 1)); a token holding
+// a NaN or an infinity gets step NaN (codes 0), so its outputs are NaN.
+std::vector<torch::Tensor> round_sym8(torch::Tensor x, int64_t passes) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "round_sym8: x must be 2-D fp32");
+  TORCH_CHECK(passes == 1 || passes == 2, "round_sym8: passes must be 1 or 2, got ", passes);
+  TORCH_CHECK(x.size(1) > 0, "round_sym8: x must have at least one column");
+  x = x.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), kp = (k + 31) / 32 * 32;  // round_to_int8 sweeps 32 at a time
+  auto u = torch::empty({passes * m, k}, x.options().dtype(torch::kUInt8));
+  auto step = torch::empty({passes * m, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  uint8_t* up = u.data_ptr<uint8_t>();
+  float* sp = step.data_ptr<float>();
+  at::parallel_for(0, m, 4, [&](int64_t t0, int64_t t1) {
+    std::vector<float> r(kp, 0.f);
+    std::vector<int8_t> q(kp);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::copy(xp + t * k, xp + (t + 1) * k, r.data());  // the padding stays 0
+      for (int64_t pass = 0; pass < passes; ++pass) {
+        const float floor = pass == 0 ? 1e-8f : std::numeric_limits<float>::min() * 127.0f;  // as lowbit_mm's
+        int64_t qsum = 0;
+        sp[pass * m + t] = round_to_int8(r.data(), kp, 127.0f, floor, false, q.data(), &qsum);
+        uint8_t* row = up + (pass * m + t) * k;
+        for (int64_t j = 0; j < k; ++j) row[j] = static_cast<uint8_t>(q[j] ^ 0x80);  // code + 128
+      }
+    }
+  });
+  return {u, step};
+}
+
 // The fp32 weight (N, K) the packed rows encode.
 torch::Tensor lowbit_dequant(torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, int64_t bits,
                              int64_t k) {
@@ -779,6 +813,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &best_isa, "the instruction set mm runs on by default: 512 (AVX-512 VNNI) or 2 (AVX2)");
   m.def("round7", &round7, "per-token 7-bit int8-GEMM input in 1-2 passes -> (t, step, base); u8: t + 64 as uint8; a8: on the A8 grid first",
         py::arg("x"), py::arg("passes"), py::arg("u8") = false, py::arg("a8") = false);
+  m.def("round_sym8", &round_sym8, "per-token codes on the plan's symmetric 8-bit grid, 1-2 passes, as qvla's int8 GEMM's input -> (code + 128 as uint8, step)",
+        py::arg("x"), py::arg("passes"));
   m.def("round_a4", &round_a4, "per-token codes on the plan's A4 grid as the int8 GEMM's input -> (t, step); u8: codes + 64 as uint8",
         py::arg("x"), py::arg("u8") = false);
   m.def("dequant", &lowbit_dequant, "packed 2/4/8-bit rows -> fp32 (N, K)");
