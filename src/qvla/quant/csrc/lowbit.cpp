@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 
 namespace {
 
@@ -736,10 +737,48 @@ std::vector<torch::Tensor> round_a4(torch::Tensor x, bool u8) {
   return {t, step};
 }
 
+// max |r| over k floats, or NaN where r holds a NaN or an infinity (round_to_int8's test).
+float abs_max(const float* r, int64_t k) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    const __m256 v = _mm256_loadu_ps(r + j);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
+    bad = _mm256_add_ps(bad, _mm256_mul_ps(v, _mm256_setzero_ps()));
+  }
+  alignas(32) float lanes[8], flags[8];
+  _mm256_store_ps(lanes, mx), _mm256_store_ps(flags, bad);
+  float amax = *std::max_element(lanes, lanes + 8), flag = std::accumulate(flags, flags + 8, 0.0f);
+  for (; j < k; ++j) amax = std::max(amax, std::fabs(r[j])), flag += r[j] * 0.0f;
+  return std::isnan(flag) || !std::isfinite(amax) ? NAN : amax;
+}
+
+// One symmetric pass at step st: u = clamp(round(r / st), -127, 127) + 128 as uint8 and, with residual,
+// r -= code * st (a fused multiply-add): round_to_int8's operations, so the same codes and residual.
+void sweep_sym8(float* r, int64_t k, float st, uint8_t* u, bool residual) {
+  const __m256 vst = _mm256_set1_ps(st), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f),
+               off = _mm256_set1_ps(128.0f);
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    const __m256 v = _mm256_loadu_ps(r + j);
+    const __m256 f = round_even(_mm256_min_ps(lim, _mm256_max_ps(nlim, _mm256_div_ps(v, vst))));
+    const __m256i c = _mm256_cvtps_epi32(_mm256_add_ps(f, off));  // in [1, 255]
+    const __m128i c16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(u + j), _mm_packus_epi16(c16, c16));
+    if (residual) _mm256_storeu_ps(r + j, _mm256_fnmadd_ps(f, vst, v));
+  }
+  for (; j < k; ++j) {
+    const float f = round_even(std::min(127.0f, std::max(-127.0f, r[j] / st)));
+    u[j] = static_cast<uint8_t>(f + 128.0f);
+    if (residual) r[j] = std::fma(-f, st, r[j]);
+  }
+}
+
 // qvla's int8 GEMM's input (kernels.Int8Kernel on int8_gemm.cpp): each token on the plan's symmetric 8-bit grid in
 // one pass (A8: step = max(max|x|, 1e-8) / 127, codes clamp(round(x / step), -127, 127), the rounding of
 // primitives.fake_quant_activation), or two (A16: the second rounds the first one's residual, as lowbit_mm's
-// passes do: ~15-bit), with round_to_int8, the low-bit kernel's own rounding. Codes go out as uint8 code + 128
+// passes do: ~15-bit), in round_to_int8's operations (the low-bit kernel's own rounding). Codes go out as uint8 code + 128
 // (the GEMM's unsigned operand, zero point 128). -> (u (passes * M, K), step (passes * M, 1)); a token holding
 // a NaN or an infinity gets step NaN (codes 0), so its outputs are NaN.
 std::vector<torch::Tensor> round_sym8(torch::Tensor x, int64_t passes) {
@@ -747,23 +786,31 @@ std::vector<torch::Tensor> round_sym8(torch::Tensor x, int64_t passes) {
   TORCH_CHECK(passes == 1 || passes == 2, "round_sym8: passes must be 1 or 2, got ", passes);
   TORCH_CHECK(x.size(1) > 0, "round_sym8: x must have at least one column");
   x = x.contiguous();
-  const int64_t m = x.size(0), k = x.size(1), kp = (k + 31) / 32 * 32;  // round_to_int8 sweeps 32 at a time
+  const int64_t m = x.size(0), k = x.size(1);
   auto u = torch::empty({passes * m, k}, x.options().dtype(torch::kUInt8));
   auto step = torch::empty({passes * m, 1}, x.options());
   const float* xp = x.data_ptr<float>();
   uint8_t* up = u.data_ptr<uint8_t>();
   float* sp = step.data_ptr<float>();
   at::parallel_for(0, m, 4, [&](int64_t t0, int64_t t1) {
-    std::vector<float> r(kp, 0.f);
-    std::vector<int8_t> q(kp);
+    std::vector<float> r(passes > 1 ? k : 0);
     for (int64_t t = t0; t < t1; ++t) {
-      std::copy(xp + t * k, xp + (t + 1) * k, r.data());  // the padding stays 0
+      // one pass reads the token itself; two keep its residual in r
+      float* row = passes > 1 ? r.data() : const_cast<float*>(xp + t * k);
+      if (passes > 1) std::copy(xp + t * k, xp + (t + 1) * k, r.data());
       for (int64_t pass = 0; pass < passes; ++pass) {
         const float floor = pass == 0 ? 1e-8f : std::numeric_limits<float>::min() * 127.0f;  // as lowbit_mm's
-        int64_t qsum = 0;
-        sp[pass * m + t] = round_to_int8(r.data(), kp, 127.0f, floor, false, q.data(), &qsum);
-        uint8_t* row = up + (pass * m + t) * k;
-        for (int64_t j = 0; j < k; ++j) row[j] = static_cast<uint8_t>(q[j] ^ 0x80);  // code + 128
+        uint8_t* out = up + (pass * m + t) * k;
+        const float amax = abs_max(row, k);
+        if (std::isnan(amax)) {  // codes 0: the outputs are NaN * 0 = NaN
+          std::fill(out, out + k, uint8_t{128});
+          for (int64_t p = pass; p < passes; ++p) sp[p * m + t] = NAN;
+          for (int64_t p = pass + 1; p < passes; ++p) std::fill(up + (p * m + t) * k, up + (p * m + t + 1) * k, uint8_t{128});
+          break;
+        }
+        const float st = std::max(amax, floor) / 127.0f;
+        sp[pass * m + t] = st;
+        sweep_sym8(row, k, st, out, pass + 1 < passes);  // the token itself is never written
       }
     }
   });
