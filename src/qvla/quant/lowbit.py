@@ -15,7 +15,8 @@ tokens; the integer sums are the AVX2 path's, so both give the same bits. `isa()
 QVLA_LOWBIT_ISA=avx2 keeps the AVX2 path on a VNNI CPU (to compare the two).
 
 The same module holds qvla's int8 GEMM (csrc/int8_gemm.cpp, AVX-512 VNNI: kernels.Int8Kernel's default there):
-uint8 7-bit activations times int8 rows laid out in panels of 64, with Int8Kernel's epilogue in the same pass.
+uint8 activations (each token on the plan's symmetric 8-bit grid, code + 128: round_sym8; at A4 the grid's codes
++ 64) times int8 rows laid out in panels of 64, with Int8Kernel's epilogue in the same pass.
 
 `available()` is False where the CPU lacks AVX2/FMA, no C++ compiler is found, or QVLA_LOWBIT=0; the
 kernels then fall back to torch's int4 kernel (kernels.py), and `qvla bench` records which one ran.

@@ -1,5 +1,6 @@
 // qvla's int8 GEMM for CPUs with AVX-512 VNNI (kernels.Int8Kernel's "qvla" GEMM; lowbit.cpp registers it):
-// uint8 activations u (a token's 7-bit codes + 64, as round7 / round_a4 make them) times int8 weight codes,
+// uint8 activations u (a token's codes on the plan's symmetric 8-bit grid + 128, as round_sym8 makes them; at A4
+// the grid's codes + 64, round_a4's; any uint8 with a zero point) times int8 weight codes,
 // four u8 x s8 products summed straight into int32 per vpdpbusd, with Int8Kernel's float epilogue in the
 // same pass, so that no (M, N) int32 or float intermediate is written.
 //
@@ -23,8 +24,8 @@
 #include <cstring>
 #include <vector>
 
-// The epilogue rounds as Int8Kernel's torch ops do: products on their own, torch's addcmul_ as a fused
-// multiply-add, and nothing else fused, so that its floats are those of oneDNN's GEMM followed by those ops.
+// The epilogue rounds as Int8Kernel's torch ops over oneDNN's GEMM do: products on their own, torch's addcmul_
+// as a fused multiply-add, and nothing else fused, so that on the same input (A4's codes) its floats are those.
 #pragma GCC optimize("fp-contract=off")
 
 namespace {
