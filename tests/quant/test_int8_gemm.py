@@ -121,3 +121,28 @@ def test_a_token_holding_nan_or_inf_comes_out_nan():
     for a_bits, passes in ((8, 1), (16, 2)):
         y = Int8Kernel(codes, scale, passes=passes, gemm="qvla", a_bits=a_bits)(x)
         assert torch.isnan(y[1:3]).all() and torch.isfinite(y[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("a_bits", [8, 16])
+def test_a_large_8bit_bucket_acts_like_the_fake_quant_layer(a_bits, monkeypatch):
+    """A layer whose 8-bit rows all run on this GEMM (every bucket counted large) gives the simulated layer's
+    output: to fp32 rounding at A8 (the same rounding of the input), within ~15-bit activations at A16."""
+    import torch.nn as nn
+
+    from qvla.quant import kernels
+    from qvla.quant.apply import QuantLinear
+    from qvla.quant.packed import PackedLinear
+
+    monkeypatch.setattr(kernels, "SMALL_INT8_WEIGHTS", 0)
+    g = torch.Generator().manual_seed(a_bits)
+    mod = nn.Linear(320, 90)
+    with torch.no_grad():
+        mod.weight.copy_(torch.randn(90, 320, generator=g) * 0.1)
+    sim = QuantLinear.from_linear(mod, torch.full((90,), 8), a_bits)
+    real = PackedLinear(sim.storage(), mod.weight.shape, mod.bias, a_bits)
+    assert all(isinstance(k, Int8Kernel) and k.gemm == "qvla" for _, k in real.buckets)
+    x = torch.randn(3, 11, 320, generator=g) * torch.rand(320, generator=g) * 4
+    with torch.no_grad():
+        ref, out = sim(x), real(x)
+    tol = 1e-5 if a_bits == 8 else 1e-3
+    assert ((out - ref).norm() / ref.norm()).item() < tol
