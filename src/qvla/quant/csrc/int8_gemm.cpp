@@ -57,7 +57,7 @@ QVLA_VNNI inline __attribute__((always_inline)) void step(const uint8_t* const (
 
 // d[t][j * 16 + r] = codes of row 16j + r of the panel . u[t], for TM rows of activations and NB blocks;
 // `stride` bytes of the panel per group of 4 inputs. The loops over the accumulators must unroll completely:
-// GCC 12 otherwise keeps them on the stack, which ran at 0.30-0.43x oneDNN's speed at 276 tokens.
+// GCC 12 otherwise keeps them on the stack, which ran at less than half oneDNN's speed at the prefill.
 template <int TM, int NB, bool Tail>
 QVLA_VNNI void tile(const uint8_t* const* u, const int8_t* w, int64_t k4, int64_t stride, __mmask64 tail, int32_t* d) {
   const uint8_t* rows[TM];
