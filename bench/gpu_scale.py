@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scale import (FOLDS, LAYERS, PREFILL, SHAPES, Block, cases, control_step, layer_bits,  # noqa: E402
-                   make_linears, model_bytes, random_plan, uniform, write_result)
+                   make_linears, model_bytes, random_plan, turned, uniform, write_result)
 
 from qvla.quant.apply import QuantLinear  # noqa: E402
 from qvla.quant.kernels import round_up  # noqa: E402
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
                             for case, (fn, _) in cases(kind, block, torch.bfloat16, device).items()}
         times = {form: {case: [] for case in ts} for form, ts in timers.items()}
         for r in range(a.runs):
-            for form in forms[r % len(forms):] + forms[:r % len(forms)]:
+            for form in turned(forms, r):
                 for case, timer in timers[form].items():
                     times[form][case].append(timer.ms())
         for form in forms:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import PREFILL, SHAPES, KVCache, build, spread, timed, write_result  # noqa: E402
+from scale import PREFILL, SHAPES, KVCache, build, spread, timed, turned, write_result  # noqa: E402
 
 from qvla import allocator  # noqa: E402
 from qvla.bench import device_info  # noqa: E402
@@ -54,9 +54,8 @@ def gemm_table(rounds: int) -> list[dict]:
         for m in TOKENS:
             x = torch.randn(m, k, generator=g)
             ts = {gemm: [] for gemm in kernels}
-            gemms = list(kernels)
             for r in range(rounds):
-                for gemm in gemms[r % len(gemms):] + gemms[:r % len(gemms)]:
+                for gemm in turned(list(kernels), r):
                     ks = kernels[gemm]
                     ts[gemm].append(timed(lambda: [kern(x) for kern in ks]) / len(ks))
             row = {"layer": f"{n}x{k}", "tokens": m, **{gemm: statistics.median(v) for gemm, v in ts.items()}}
@@ -73,7 +72,7 @@ def decode_pairs(blocks: dict, caches: dict, one: torch.Tensor, n: int) -> dict:
     names = list(blocks)
     ms = {name: [] for name in names}
     for i in range(n):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in turned(names, i):
             block, dtype = blocks[name]
             xo = one.to(dtype)
             ms[name].append(timed(lambda: block(xo, caches[name].fork())))
@@ -117,7 +116,7 @@ def main(argv=None) -> int:
     faults = {name: [] for name in blocks}  # per prefill
     names = list(blocks)
     for r in range(a.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # another order each round
+        for name in turned(names, r):  # another order each round
             block, dtype = blocks[name]
             xp, xo = x.to(dtype), one.to(dtype)
             times[name]["prefill"].append(faulted(lambda: block(xp, KVCache()), faults[name]))

@@ -273,6 +273,11 @@ def time_kind(kind: str, block: Block, dtype, runs: int) -> dict[str, float]:
 
 
 @torch.no_grad()
+def turned(items: list, r: int) -> list:
+    """items in the order of round r: turned by r places, so each comes first in turn."""
+    return items[r % len(items):] + items[:r % len(items)]
+
+
 def time_interleaved(kind: str, blocks: dict[str, tuple[Block, torch.dtype]], rounds: int,
                      probe) -> tuple[list[dict[str, dict[str, float]]], list[float]]:
     """Every round times each form once (in an order that turns every round), so a drift of the machine
@@ -284,7 +289,7 @@ def time_interleaved(kind: str, blocks: dict[str, tuple[Block, torch.dtype]], ro
     forms, out, read = list(blocks), [], []
     for r in range(rounds):
         this = {}
-        for form in forms[r % len(forms):] + forms[:r % len(forms)]:
+        for form in turned(forms, r):
             this[form] = {case: statistics.median(timed(fn) for _ in range(calls))
                           for case, (fn, calls) in timers[form].items()}
         read.append(probe())

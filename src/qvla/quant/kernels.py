@@ -46,35 +46,41 @@ def _onednn_int8() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
+def _qvla_int8() -> bool:
+    """qvla's int8 GEMM can run: the CPU has AVX-512 VNNI and the extension builds."""
+    return lowbit.cpu_has_vnni() and lowbit.available()
+
+
 def int8_gemm() -> str:
     """The int8 GEMM Int8Kernel runs: qvla's own ("qvla", csrc/int8_gemm.cpp) where the extension builds and
     the CPU has AVX-512 VNNI, else "fbgemm"; QVLA_INT8_GEMM picks one ("onednn" too, torch's oneDNN int8
-    linear). On the 7B decoder's layers (bench/int8_gemm.py, AMD EPYC Zen 5, 2 threads) qvla's ran level with
-    oneDNN's at the prefill's 276 tokens and faster from 1 to 32 tokens (at one token oneDNN read the weights at
-    ~0.75-0.95 of the memory's speed, and cost ~0.015 ms a call more); oneDNN in turn is faster than fbgemm at
-    276 tokens (12.6 / 29.3 ms against 14.4 / 38.6 ms on 4096x4096 / 4096x11008). On AVX2 alone oneDNN is level
+    linear). On the 7B decoder's layers (bench/int8_gemm.py, AMD EPYC Zen 5, 2 threads, five runs) oneDNN took
+    1.03-1.30x qvla's time at one token and 0.96-1.05x at the prefill's 276 tokens; oneDNN in turn is faster
+    than fbgemm at 276 tokens (12.6 / 29.3 ms against 14.4 / 38.6 ms on 4096x4096 / 4096x11008). On AVX2 alone oneDNN is level
     with fbgemm at 276 and 3-7x slower from 1 to 8 tokens (5.6 against 1.5 ms on 4096x4096 at one token)."""
     want = os.environ.get("QVLA_INT8_GEMM")
     if want is None:
-        return "qvla" if lowbit.cpu_has_vnni() and lowbit.available() else "fbgemm"
+        return "qvla" if _qvla_int8() else "fbgemm"
     if want not in INT8_GEMMS:
         raise ValueError(f"QVLA_INT8_GEMM must be one of {sorted(INT8_GEMMS)}, got {want!r}")
     if want == "onednn" and not _onednn_int8():
         raise RuntimeError("QVLA_INT8_GEMM=onednn, but this torch has no oneDNN int8 linear")
-    if want == "qvla" and not (lowbit.cpu_has_vnni() and lowbit.available()):
+    if want == "qvla" and not _qvla_int8():
         raise RuntimeError("QVLA_INT8_GEMM=qvla needs AVX-512 VNNI and qvla's extension built")
     return want
 
 
 def int8_gemms_here() -> list[str]:
     """The int8 GEMMs this machine can run (QVLA_INT8_GEMM may name any of them)."""
-    return [g for g in INT8_GEMMS if g == "fbgemm" or (g == "onednn" and _onednn_int8())
-            or (g == "qvla" and lowbit.cpu_has_vnni() and lowbit.available())]
+    runs = {"qvla": _qvla_int8, "onednn": _onednn_int8, "fbgemm": lambda: True}
+    return [g for g in INT8_GEMMS if runs[g]()]
 
 
 class _TorchInt8:
     """A torch int8 GEMM computing z = scale_n * (W t) from exact integer input t; `linear` adds
     Int8Kernel's epilogue. Holds the GEMM's weights, the fp32 scales and the fp32 row sums of W."""
+
+    grid = "7-bit"  # Int8Kernel hands it each token's 7-bit codes between its min and max (_rounded)
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
         self.rowsum = codes.float().sum(1) * scale
@@ -175,10 +181,10 @@ class Int8Kernel:
     fbgemm quantizes its input per tensor (uint8, reduced to 7 bits): used as is, it loses 10-15 dB of
     output SQNR on a transformer MLP here. We quantize each token ourselves to 128 levels between its own
     min and max, j = round((x - lo) / step), and hand the GEMM t = j - 64 (fbgemm, which then picks scale 1
-    and zero point 64) or j itself with zero point 64 (qvla's, oneDNN): either computes W t exactly; we map
+    and zero point 64) or j itself with zero point 64 (oneDNN): either computes W t exactly; we map
     back with y = step * (W t) + (lo + 64 step) * rowsum(W). That is per-token asymmetric 7-bit quantization,
-    about 6 dB short of the simulated symmetric 8-bit one, and the same numbers on every GEMM (up to the
-    float epilogue's rounding). With `passes=2` (A16 settings) the rounding residual takes a second pass:
+    about 6 dB short of the simulated symmetric 8-bit one, and the same numbers on either GEMM. With
+    `passes=2` (A16 settings) the rounding residual takes a second pass:
     ~14-bit activations for twice the GEMM time. At A4 the GEMM takes the codes of the plan's asymmetric
     4-bit grid as they are (they fit its 7-bit input): y = step * (W codes), the rounding the plan
     simulates, exactly, in one sweep.
@@ -238,7 +244,7 @@ class Int8Kernel:
         if self.a4:
             t, step = self._codes4(x)
             return self.mm.linear(t, step, None, 1)
-        if getattr(self.mm, "grid", None) == "symmetric":
+        if self.mm.grid == "symmetric":
             u, step = self.mm.round(x, self.passes)
             return self.mm.linear(u, step, None, self.passes, zero=128)
         t, step, base = self._rounded(x)

@@ -121,9 +121,9 @@ torch::Tensor int8_pack(torch::Tensor codes) {
   return out;
 }
 
-// u (passes * M, K) uint8, pass-major (round7's rows); packed: int8_pack of the codes (N rows);
+// u (passes * M, K) uint8, pass-major (round_sym8's rows, or round_a4's); packed: int8_pack of the codes (N rows);
 // scale (N) fp32; wsum (N) int32, each row's sum of codes; step (passes * M) fp32; bsum (M) fp32, each token's
-// base summed over the passes, or empty (A4: no base). -> y (M, N) fp32:
+// base summed over the passes, or empty (no base: Int8Kernel's grids are symmetric or A4's codes). -> y (M, N) fp32:
 //   z_p = float(codes . u_p - zero * wsum) * scale,  y = z_0 * step_0 (+ z_1 * step_1) (+ bsum * float(wsum) * scale),
 // the arithmetic of Int8Kernel's epilogue over a torch GEMM, in its order.
 torch::Tensor int8_mm(torch::Tensor u, torch::Tensor packed, torch::Tensor scale, torch::Tensor wsum,
