@@ -42,3 +42,31 @@ def test_bench_gives_the_callers_cpu_mode_back(rtn4):
 def test_bench_cli_refuses_zero_runs(rtn4, capsys):
     assert main(["bench", "--policy", str(rtn4), "--runs", "0"]) == 2
     assert "--runs must be >= 1" in capsys.readouterr().err
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: {family}
+model\t\t: {model}
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx2 {extra}
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+"""
+
+
+@pytest.mark.parametrize("family,model,extra,uarch", [
+    (25, 17, "avx512f avx512_bf16", "Zen 4"), (25, 1, "", "Zen 3"), (26, 2, "avx512f", "Zen 5"),
+    (23, 49, "", "Zen 2"), (99, 1, "", "AuthenticAMD family 99 model 1")])
+def test_the_device_record_names_the_microarchitecture(family, model, extra, uarch):
+    from qvla.bench import cpu_uarch
+
+    r = cpu_uarch(CPUINFO.format(family=family, model=model, extra=extra))
+    assert r == {"vendor": "AuthenticAMD", "family": family, "model": model, "uarch": uarch}
+
+
+def test_a_cpuinfo_without_a_family_gives_no_uarch():
+    from qvla.bench import cpu_uarch
+
+    assert cpu_uarch("processor\t: 0\nBogoMIPS\t: 50.00\n") == {}

@@ -36,10 +36,44 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpuinfo_fields(text: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+# (vendor, family) -> the microarchitecture, as a function of model and flags where a family spans two.
+# A VM often names every AMD CPU "AMD EPYC", so the model name alone cannot tell Zen 4 from Zen 5.
+UARCH = {
+    ("AuthenticAMD", 23): lambda model, flags: "Zen 2" if model >= 0x30 else "Zen / Zen+",
+    ("AuthenticAMD", 25): lambda model, flags: "Zen 4" if "avx512f" in flags else "Zen 3",
+    ("AuthenticAMD", 26): lambda model, flags: "Zen 5",
+}
+
+
+def cpu_uarch(cpuinfo: str) -> dict:
+    """Vendor, family, model and (from the table above) the microarchitecture of the first CPU in /proc/cpuinfo."""
+    f = _cpuinfo_fields(cpuinfo)
+    if "cpu family" not in f:
+        return {}
+    vendor, family, model = f.get("vendor_id", ""), int(f["cpu family"]), int(f.get("model", "0"))
+    name = UARCH.get((vendor, family))
+    return {"vendor": vendor, "family": family, "model": model,
+            "uarch": name(model, set(f.get("flags", "").split())) if name else f"{vendor} family {family} model {model}"}
+
+
 def device_info(threads: int) -> dict:
     from qvla.quant import kernels, lowbit
 
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
+    try:
+        uarch = cpu_uarch(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        uarch = {}
+    return {"cpu": cpu_name(), **uarch, "cores": os.cpu_count(), "threads": threads,
             "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "lowbit_kernel": f"qvla-lowbit ({lowbit.isa()})" if lowbit.available() else "torch int4 (bf16)",
             "int8_gemm": kernels.int8_gemm(), "malloc": allocator.state()["malloc"]}
