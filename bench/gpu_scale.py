@@ -104,13 +104,12 @@ class Int8Rows:
     cuBLAS multiplies them, the output scaled per row (torchao's eager path)."""
 
     GEMV_MAX_TOKENS = 4
-    gemv = True  # --int8-gemv
 
-    def __init__(self, codes, scale, device) -> None:
+    def __init__(self, codes, scale, device, gemv: bool = True) -> None:  # gemv: --int8-gemv int8pack
         self.w = codes.to(torch.int8).contiguous().to(device)
         self.s = scale.to(device, torch.bfloat16)
         self.nbytes = self.w.numel() + self.s.numel() * 2
-        self.kernel = Int8Rows.gemv and int8_weight_only(device)
+        self.kernel = gemv and int8_weight_only(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel and x.shape[0] <= self.GEMV_MAX_TOKENS:
@@ -149,12 +148,12 @@ class Bf16Rows:
         return F.linear(x, self.w)
 
 
-def bucket_kernel(bits: int, storage: dict, k: int, a_bits: int, device):
+def bucket_kernel(bits: int, storage: dict, k: int, a_bits: int, device, gemv: bool = True):
     if bits == 16:
         return Bf16Rows(storage["w16"], device)
     codes, scale, zero = bucket_codes(storage, bits, k)
     if bits == 8:
-        return Int8A8Rows(codes, scale, device) if a_bits == 8 else Int8Rows(codes, scale, device)
+        return Int8A8Rows(codes, scale, device) if a_bits == 8 else Int8Rows(codes, scale, device, gemv)
     return Int4Rows(codes, scale, zero, device)
 
 
@@ -162,7 +161,7 @@ class GpuLinear(nn.Module):
     """One planned layer: a kernel per bit-width bucket, each writing its rows' output columns (0-bit rows
     stay zero). With folded, the rows come in bucket order and the next layer's inputs were permuted to match."""
 
-    def __init__(self, storage: dict, shape, a_bits: int, device, folded: bool = False) -> None:
+    def __init__(self, storage: dict, shape, a_bits: int, device, folded: bool = False, gemv: bool = True) -> None:
         super().__init__()
         bits = storage["bits"].long()
         self.n, k = shape
@@ -171,7 +170,7 @@ class GpuLinear(nn.Module):
             idx = torch.nonzero(bits == b).flatten()
             if len(idx):
                 cols = torch.arange(start, start + len(idx)) if folded else idx
-                self.buckets.append((cols.to(device), bucket_kernel(b, storage, k, a_bits, device)))
+                self.buckets.append((cols.to(device), bucket_kernel(b, storage, k, a_bits, device, gemv)))
                 start += len(idx)
         self.weight_nbytes = sum(kern.nbytes for _, kern in self.buckets)
         self.direct = len(self.buckets) == 1 and start == self.n
@@ -196,7 +195,7 @@ FORMS = {  # name -> (bits for (kind, name, n) or a plan key for scale.random_pl
 }
 
 
-def build(kind: str, form: str, plans: dict, device) -> tuple[Block, int, dict]:
+def build(kind: str, form: str, plans: dict, device, gemv: bool = True) -> tuple[Block, int, dict]:
     """-> (block on device, bytes of weights it holds, {check: relative output error}): each linear against its
     dequantized weights in float32 on random inputs of 64 tokens ("fc1") and of one ("fc1@1"), and each folded
     pair against the unfolded product of its dequantized weights ("fc1->fc2")."""
@@ -215,7 +214,7 @@ def build(kind: str, form: str, plans: dict, device) -> tuple[Block, int, dict]:
         if name in consumers:
             storage = permute_inputs(storage, bucket_order(bits[consumers[name]]))
         shape = linears[name].weight.shape
-        swapped[name] = GpuLinear(storage, shape, a_bits, device, folded=name in producers)
+        swapped[name] = GpuLinear(storage, shape, a_bits, device, folded=name in producers, gemv=gemv)
         ref_w = dequantize_storage(storage, shape)
         if name in producers:
             ref_w = ref_w[bucket_order(bits[name])]
@@ -300,19 +299,19 @@ def main(argv=None) -> int:
                     help="8-bit A16 rows at up to 4 tokens: torch._weight_int8pack_mm, or widened to bf16 as at more")
     a = ap.parse_args(argv)
     LAYERS["decoder"] = a.decoder_layers  # one layer of each kind is timed; counts extrapolate
-    Int8Rows.gemv = a.int8_gemv == "int8pack"
+    gemv = a.int8_gemv == "int8pack"
     device = torch.device(a.device)
     forms, kinds = a.forms.split(","), a.kinds.split(",")
     plans = {FORMS[f][0]: random_plan(*FORMS[f][0]) for f in forms if isinstance(FORMS[f][0], tuple)}
     result = {"device": device_record(device), "layers": LAYERS, "prefill_tokens": PREFILL, "runs": a.runs,
               "int4_groups": GROUPS, "tolerance": {"layer": TOLERANCE, "folded_pair": PAIR_TOLERANCE},
               "int8_weight_only": ("torch._weight_int8pack_mm up to 4 tokens, widened to bf16 beyond"
-                                   if Int8Rows.gemv and int8_weight_only(device) else "rows widened to bf16 per call"),
+                                   if gemv and int8_weight_only(device) else "rows widened to bf16 per call"),
               "forms": {f: {"per_layer_ms": {}, "per_layer_bytes": {}, "rel_error": {}} for f in forms}}
     for kind in kinds:
         timers = {}
         for form in forms:
-            block, nbytes, err = build(kind, form, plans, device)
+            block, nbytes, err = build(kind, form, plans, device, gemv)
             if off(err):
                 raise RuntimeError(f"{form} {kind}: output off its dequantized weights: {off(err)} (all: {err})")
             r = result["forms"][form]

@@ -212,7 +212,8 @@ def write_table(policy: str, fp_file: Path, rows: list[dict], out: Path, episode
             f"has both small, while a perturbed policy can gain on FP's weak tasks what it loses elsewhere). Mem: weights "
             f"held in memory by the real-kernel checkpoint (fp32 policy: "
             f"{bench0['weight_bytes_fp32'] / 2**20:.2f} MB). Speedup: batch-1 control step vs fp32, "
-            f"{device.get('cpu')}{f' {u}' if (u := device.get('uarch')) else ''}, {device.get('threads')} threads ({device.get('isa')}). Coverage: QVLA "
+            f"{device.get('cpu')}{f' {u}' if (u := device.get('uarch')) else ''}, {device.get('threads')} threads "
+            f"({device.get('isa')}). Coverage: QVLA "
             f"quantizes every Linear and Conv of all four roles; GPTQ treats convs as Linear layers on their "
             f"input patches, the other baselines transform Linear layers and round convs as RTN." if bench0 else "")
     h2h_lines, table["head_to_head"] = head_to_head_lines(rows, recs)
