@@ -154,6 +154,7 @@ class Block(nn.Module):
     def __init__(self, kind: str, linears: dict[str, nn.Module]) -> None:
         super().__init__()
         self.kind, self.lin = kind, nn.ModuleDict(linears)
+        self.attend = F.scaled_dot_product_attention  # an attribute, so bench/decode_parts.py can time it
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         L = self.lin
@@ -173,7 +174,7 @@ class Block(nn.Module):
         q, k, v = (z.view(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v))
         if cache is not None:
             k, v = cache.update(k, v)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.kind == "decoder" and t > 1)
+        a = self.attend(q, k, v, is_causal=self.kind == "decoder" and t > 1)
         x = x + (L["o"] if "o" in L else L["proj"])(a.transpose(1, 2).reshape(b, t, d))
         if self.kind == "decoder":
             return x + L["down"](F.silu(L["gate"](x)) * L["up"](x))
