@@ -95,12 +95,11 @@ def main(argv=None) -> int:
               "read_probe_gbs": {"median": read, "min": min(reads), "max": max(reads)}, "forms": {}}
     for form in forms:
         ms = {p: statistics.median(rd[p] for rd in rounds[form]) for p in rounds[form][0]}
-        linears = ms["linears"]
+        linears, read_gbs = ms["linears"], nbytes[form] / 1e9 / (ms["linears"] / 1e3)
         kv_bytes = 2 * (PREFILL + 1) * SHAPES["decoder"]["k"][0] * FORMS[form][2].itemsize
         result["forms"][form] = {
             "ms": ms, "weight_bytes": nbytes[form],
-            "linears_read_gbs": nbytes[form] / 1e9 / (linears / 1e3),
-            "linears_read_vs_probe": nbytes[form] / 1e9 / (linears / 1e3) / read,
+            "linears_read_gbs": read_gbs, "linears_read_vs_probe": read_gbs / read,
             "kv_bytes": kv_bytes, "attention_read_gbs": kv_bytes / 1e9 / (ms["attention"] / 1e3),
             "rounds_ms": rounds[form]}
         print(form, {p: round(v, 3) for p, v in ms.items()}, f"linears {linears:.2f} ms", file=sys.stderr)

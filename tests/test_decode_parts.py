@@ -26,12 +26,12 @@ def small_decoder():
     cache = scale.KVCache(size=9)
     block(torch.randn(1, 8, d), cache)
     one = torch.randn(1, 1, d)
-    return block, (lambda: block(one, cache.fork())), one, cache
+    return block, (lambda: block(one, cache.fork()))
 
 
 @torch.no_grad()
 def test_the_parts_are_timed_and_the_block_given_back(small_decoder):
-    block, fn, one, cache = small_decoder
+    block, fn = small_decoder
     before = fn()
     r = decode_parts.one_round(fn, block)
     assert set(r) == {*block.lin, "linears", "attention", "rest", "step"}
@@ -45,7 +45,7 @@ def test_the_parts_are_timed_and_the_block_given_back(small_decoder):
 
 @torch.no_grad()
 def test_every_call_of_each_part_is_counted(small_decoder):
-    block, fn, *_ = small_decoder
+    block, fn = small_decoder
     into = {p: [] for p in (*block.lin, "attention")}
     with decode_parts.part_timers(block, into):
         for _ in range(4):

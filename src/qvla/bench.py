@@ -26,14 +26,18 @@ from qvla.cpu_mode import stage_mode
 from qvla.envs import Observation
 
 
-def cpu_name() -> str:
+def _cpuinfo() -> str:
+    """/proc/cpuinfo, or "" where there is none."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return ""
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The first CPU's model name (cpuinfo: /proc/cpuinfo's text, read here when not given)."""
+    name = _cpuinfo_fields(_cpuinfo() if cpuinfo is None else cpuinfo).get("model name")
+    return name or platform.processor() or platform.machine()
 
 
 def _cpuinfo_fields(text: str) -> dict[str, str]:
@@ -69,11 +73,8 @@ def cpu_uarch(cpuinfo: str) -> dict:
 def device_info(threads: int) -> dict:
     from qvla.quant import kernels, lowbit
 
-    try:
-        uarch = cpu_uarch(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        uarch = {}
-    return {"cpu": cpu_name(), **uarch, "cores": os.cpu_count(), "threads": threads,
+    cpuinfo = _cpuinfo()
+    return {"cpu": cpu_name(cpuinfo), **cpu_uarch(cpuinfo), "cores": os.cpu_count(), "threads": threads,
             "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "lowbit_kernel": f"qvla-lowbit ({lowbit.isa()})" if lowbit.available() else "torch int4 (bf16)",
             "int8_gemm": kernels.int8_gemm(), "malloc": allocator.state()["malloc"]}
